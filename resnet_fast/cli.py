@@ -1,0 +1,44 @@
+"""The `resnet-fast` command: bench (the default), train, info."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _info(args: argparse.Namespace) -> int:
+    from . import availability, get_backend
+    from .envinfo import collect
+
+    for key, value in collect().items():
+        print(f"{key:>12}: {value}")
+    print(f"{'backend':>12}: {get_backend()} (set with resnet_fast.use_backend or RESNET_FAST_BACKEND)")
+    for name, (ok, why) in availability().items():
+        print(f"{name:>12}: {'available' if ok else 'unavailable'} - {why}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, train
+
+    parser = argparse.ArgumentParser(prog="resnet-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    bench.add_arguments(sub.add_parser("bench", help="benchmark resnet_fast against torchvision and torch.compile"))
+    train.add_arguments(sub.add_parser("train", help="train a model (tutorial recipes, ImageFolder, CIFAR-10)"))
+    sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["bench", *argv]  # `resnet-fast` alone runs the default benchmark
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "train":
+        from . import train
+        return train.run(args)
+    from . import bench
+    return bench.run(args)

@@ -1,0 +1,1 @@
+"""Fused ops: one file per op (Triton kernels, extension wrappers, the eval-mode dispatcher)."""

@@ -1,0 +1,355 @@
+"""The drop-in contract: torchvision's API, state_dict and numerics (CPU, fp32)."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import resnet_fast
+from resnet_fast.ops import conv_bn
+
+TV_ARCHS = resnet_fast.models.TORCHVISION_ARCHS
+D_ARCHS = resnet_fast.models.RESNET_D_ARCHS
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (not the init defaults)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def pair(arch: str, **kwargs):
+    torch.manual_seed(0)
+    tv = randomize_bn(getattr(torchvision.models, arch)(**kwargs)).eval()
+    fast = resnet_fast.from_torchvision(tv).eval()
+    return tv, fast
+
+
+@pytest.mark.parametrize("arch", TV_ARCHS)
+def test_state_dict_identical_both_ways(arch):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(num_classes=7)
+    fast = getattr(resnet_fast, arch)(num_classes=7)
+    tv_sd, fast_sd = tv.state_dict(), fast.state_dict()
+    assert list(tv_sd) == list(fast_sd)
+    for k in tv_sd:
+        assert tv_sd[k].shape == fast_sd[k].shape and tv_sd[k].dtype == fast_sd[k].dtype, k
+    fast.load_state_dict(tv_sd, strict=True)
+    tv.load_state_dict(fast.state_dict(), strict=True)
+    assert all(torch.equal(tv.state_dict()[k], fast.state_dict()[k]) for k in tv_sd)
+
+
+@pytest.mark.parametrize("arch", TV_ARCHS)
+def test_eval_matches_torchvision(arch):
+    tv, fast = pair(arch, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    conv_bn.CALLS.clear()
+    with torch.inference_mode():
+        expected, got = tv(x), fast(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert max_rel_err(got, expected) < 1e-5
+    assert conv_bn.CALLS["torch_onednn"] > 0 and conv_bn.CALLS["modules"] == 0  # the fused path ran
+
+
+def test_signatures_match_torchvision():
+    import inspect
+    for arch in TV_ARCHS:
+        ours = inspect.signature(getattr(resnet_fast, arch)).parameters
+        theirs = inspect.signature(getattr(torchvision.models, arch)).parameters
+        assert list(ours) == list(theirs), arch
+    ours = list(inspect.signature(resnet_fast.ResNet).parameters)
+    theirs = list(inspect.signature(torchvision.models.ResNet).parameters)
+    assert ours[: len(theirs)] == theirs
+
+
+def test_torchvision_kwargs():
+    kwargs = dict(num_classes=5, zero_init_residual=True, replace_stride_with_dilation=[False, True, True])
+    tv, fast = pair("resnet50", **kwargs)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x)) < 1e-5
+    fresh = resnet_fast.resnet50(**kwargs)
+    assert all(float(b.bn3.weight.abs().sum()) == 0 for layer in (fresh.layer1, fresh.layer4) for b in layer)
+    with pytest.raises(ValueError, match="groups"):
+        resnet_fast.resnext50_32x4d(groups=8)
+
+
+def test_in_channels_and_fine_tuned_conversion():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(num_classes=3)
+    tv.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    tv.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 3))
+    randomize_bn(tv).eval()
+    fast = resnet_fast.from_torchvision(tv)
+    assert not fast.training
+    x = torch.randn(2, 1, 40, 40)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x)) < 1e-5
+    # copied, not shared
+    assert fast.conv1.weight.data_ptr() != tv.conv1.weight.data_ptr()
+    assert resnet_fast.resnet18(in_channels=1).conv1.in_channels == 1
+
+
+def test_frozen_batchnorm_norm_layer():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    for m in tv.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+    fast = resnet_fast.from_torchvision(tv)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x)) < 1e-5
+
+
+# --- ResNet-D --------------------------------------------------------------
+
+def reference_forward(model, x):
+    """Module-by-module forward of a resnet_fast model (no fused ops)."""
+    x = model.relu(model.bn1(model.conv1(x)))
+    x = model.maxpool(x)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for b in layer:
+            identity = b.downsample(x) if b.downsample is not None else x
+            out = b.relu(b.bn1(b.conv1(x)))
+            if hasattr(b, "conv3"):
+                out = b.relu(b.bn2(b.conv2(out)))
+                out = b.bn3(b.conv3(out))
+            else:
+                out = b.bn2(b.conv2(out))
+            x = b.relu(out + identity)
+    return model.fc(torch.flatten(model.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("arch", D_ARCHS)
+def test_resnet_d_structure_and_eval(arch):
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(resnet_fast, arch)(num_classes=10)).eval()
+    stem = model.conv1
+    assert [m.out_channels for m in stem if isinstance(m, nn.Conv2d)] == [32, 32, 64]
+    assert stem[0].stride == (2, 2) and stem[0].kernel_size == (3, 3)
+    ds = model.layer2[0].downsample
+    assert isinstance(ds[0], nn.AvgPool2d) and ds[1].stride == (1, 1) and ds[1].kernel_size == (1, 1)
+    x = torch.randn(2, 3, 33, 33)
+    with torch.inference_mode():
+        assert max_rel_err(model(x), reference_forward(model, x)) < 1e-5
+
+
+def test_resnet_d_zero_init_residual():
+    m = resnet_fast.resnet50d(zero_init_residual=True)
+    assert float(m.layer3[2].bn3.weight.abs().sum()) == 0
+
+
+# --- train mode --------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_train_mode_matches_torchvision(arch):
+    torch.manual_seed(0)
+    tv = randomize_bn(getattr(torchvision.models, arch)(num_classes=4)).train()
+    fast = resnet_fast.from_torchvision(tv)
+    assert fast.training
+    x = torch.randn(4, 3, 32, 32)
+    out_tv, out_fast = tv(x), fast(x)
+    assert max_rel_err(out_fast, out_tv) < 1e-5
+    out_tv.square().sum().backward()
+    out_fast.square().sum().backward()
+    for (name, p_tv), p_fast in zip(tv.named_parameters(), fast.parameters()):
+        assert max_rel_err(p_fast.grad, p_tv.grad) < 1e-4, name
+    for (name, b_tv), b_fast in zip(tv.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_tv, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- folds are never stale -----------------------------------------------------
+
+def _eval_out(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_fold_sees_in_place_parameter_and_buffer_changes():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    _eval_out(fast, x)
+    with torch.no_grad():
+        for m_tv, m_fast in ((tv.layer2[0].conv1, fast.layer2[0].conv1),):
+            m_tv.weight.mul_(1.5)
+            m_fast.weight.mul_(1.5)
+        for bn_tv, bn_fast in ((tv.layer3[1].bn2, fast.layer3[1].bn2),):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn_tv, name).add_(0.3)
+                getattr(bn_fast, name).add_(0.3)
+    assert max_rel_err(_eval_out(fast, x), _eval_out(tv, x)) < 1e-5
+
+
+def test_fold_sees_load_state_dict():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    _eval_out(fast, x)
+    other = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=1).eval()
+    fast.load_state_dict(other.state_dict())
+    assert max_rel_err(_eval_out(fast, x), _eval_out(other, x)) < 1e-5
+
+
+def test_fold_sees_train_step_eval_cycle():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    before = _eval_out(fast, x)
+    for model in (tv, fast):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model.train()
+        model(x).logsumexp(1).sum().backward()
+        opt.step()
+        model.eval()
+    after = _eval_out(fast, x)
+    assert max_rel_err(after, _eval_out(tv, x)) < 1e-4
+    assert max_rel_err(after, before) > 1e-3  # the step changed the answer
+
+
+def test_fold_sees_replaced_parameter_and_dtype_change():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    _eval_out(fast, x)
+    w = torch.randn_like(tv.conv1.weight)
+    tv.conv1.weight = nn.Parameter(w.clone())
+    fast.conv1.weight = nn.Parameter(w.clone())
+    assert max_rel_err(_eval_out(fast, x), _eval_out(tv, x)) < 1e-5
+    fast.double()
+    tv.double()
+    assert max_rel_err(_eval_out(fast, x.double()), _eval_out(tv, x.double())) < 1e-10
+
+
+def test_fold_cache_hits_when_nothing_changes():
+    from resnet_fast import fold
+    _, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    _eval_out(fast, x)
+    misses = fold.STATS["misses"]
+    _eval_out(fast, x)
+    assert fold.STATS["misses"] == misses
+
+
+def test_eval_with_autograd_is_differentiable():
+    tv, fast = pair("resnet18", num_classes=10)
+    x1 = torch.randn(2, 3, 32, 32, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    tv(x1).sum().backward()
+    fast(x2).sum().backward()
+    assert max_rel_err(x2.grad, x1.grad) < 1e-4
+    assert max_rel_err(fast.layer1[0].bn1.weight.grad, tv.layer1[0].bn1.weight.grad) < 1e-4
+
+
+# --- inputs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 3, 7, 9), (3, 3, 64, 48)])
+def test_spatial_sizes(shape):
+    tv, fast = pair("resnet50", num_classes=10)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x)) < 1e-5
+
+
+def test_channels_last_input():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x.contiguous())) < 1e-5
+
+
+def test_batch_zero():
+    tv, fast = pair("resnet18", num_classes=10)
+    with torch.inference_mode():
+        out = fast(torch.randn(0, 3, 32, 32))
+    assert out.shape == (0, 10) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_two_x_rule(dtype):
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = tv.double()(x.double())
+        eager = tv.to(dtype)(x.to(dtype))
+        got = fast.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype
+    eager_err = (eager.double() - ref).abs().max().item()
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 2 * eager_err + 1e-2 * ref.abs().max().item()
+
+
+def test_autocast_cpu_bf16():
+    tv, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = tv.double()(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(x)
+            eager = tv.float()(x)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    eager_err = (eager.double() - ref).abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 2 * eager_err + 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.randn(3, 32, 32), ValueError, "4D input"),
+    (torch.randn(1, 4, 32, 32), ValueError, "3 input channels"),
+    (torch.ones(1, 3, 32, 32, dtype=torch.int64), TypeError, "floating-point"),
+    (torch.randn(1, 3, 32, 32, dtype=torch.float16), TypeError, "does not match the model"),
+    ([[1.0]], TypeError, "torch.Tensor"),
+])
+def test_bad_inputs(bad, exc, match):
+    model = resnet_fast.resnet18().eval()
+    with pytest.raises(exc, match=match):
+        model(bad)
+
+
+def test_bad_state_dict_lists_every_problem():
+    model = resnet_fast.resnet18()
+    sd = model.state_dict()
+    sd.pop("layer1.0.conv1.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    sd["fc.weight"] = torch.zeros(3, 512)
+    with pytest.raises(ValueError) as info:
+        resnet_fast.resnet18(weights=sd)
+    msg = str(info.value)
+    assert "layer1.0.conv1.weight" in msg and "extra.weight" in msg and "fc.weight: expected (1000, 512)" in msg
+
+
+def test_weights_from_file_and_state_dict(tmp_path):
+    tv = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    path = tmp_path / "tv.pt"
+    torch.save(tv.state_dict(), path)
+    x = torch.randn(1, 3, 32, 32)
+    expected = _eval_out(tv, x)
+    for weights in (str(path), path, tv.state_dict(), {"model": tv.state_dict()}):
+        model = resnet_fast.resnet18(weights=weights if not isinstance(weights, dict) or "model" not in weights
+                                     else _save(tmp_path, weights), num_classes=10).eval()
+        assert max_rel_err(_eval_out(model, x), expected) < 1e-5
+    with pytest.raises(FileNotFoundError):
+        resnet_fast.resnet18(weights=str(tmp_path / "missing.pt"))
+
+
+def _save(tmp_path, obj):
+    path = tmp_path / "ckpt.pt"
+    torch.save(obj, path)
+    return path
+
+
+def test_torchvision_weights_enum_is_resolved_through_torchvision():
+    # No network here: a wrong enum name must fail in torchvision's verify, before any download.
+    with pytest.raises(ValueError):
+        resnet_fast.resnet50(weights="NO_SUCH_WEIGHTS")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        resnet_fast.resnet50d(weights="DEFAULT")
