@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..ops import pool as pool_ops
 from ..ops.conv_bn import conv_bn_act
 from .checks import check_input
 from .weights import check_state_dict, load_weights
@@ -41,7 +42,7 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     if isinstance(downsample, nn.Sequential) and isinstance(downsample[-2], nn.Conv2d):
         *pool, conv, bn = downsample
         for p in pool:
-            x = p(x)
+            x = pool_ops.shortcut_pool(p, x)
         return conv_bn_act(x, conv, bn, relu=False)
     return downsample(x)
 
@@ -264,18 +265,14 @@ class ResNet(nn.Module):
         if empty is not None:
             return empty
         x = self._stem(x)
-        x = self.maxpool(x)
+        x = pool_ops.max_pool(self.maxpool, x)
 
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
         x = self.layer4(x)
 
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-
-        return x
+        return pool_ops.avgpool_fc(self.avgpool, self.fc, x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)

@@ -81,15 +81,20 @@ def _eval(x, conv, bn, residual, relu):
     x = x.to(dtype).contiguous(memory_format=_CL)
     if residual is not None:
         residual = residual.to(dtype).contiguous(memory_format=_CL)
+    impl = _pick(x, conv, dtype)
     if _needs_autograd(x, conv, bn, residual) or torch.compiler.is_compiling():
-        # Differentiable (and traceable) composite: fold each call, no cache.
-        CALLS["eval_composite"] += 1
+        # Fold on every call (differentiable, traceable; no version-keyed cache).
         w, b = fold.fold_conv_bn(conv, bn)
+        if impl == "triton":  # the Triton op has autograd and a fake impl
+            CALLS["triton"] += 1
+            from . import triton_conv
+            return triton_conv.conv_bias_act(x, w.to(dtype), b, residual, conv.stride, conv.padding,
+                                             conv.dilation, relu)
+        CALLS["eval_composite"] += 1
         out = F.conv2d(x, w.to(dtype), b.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is not None:
             out = out + residual
         return F.relu(out) if relu else out
-    impl = _pick(x, conv, dtype)
     return _IMPLS[impl](x, conv, bn, residual, relu, dtype)
 
 

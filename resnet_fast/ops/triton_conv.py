@@ -1,0 +1,424 @@
+"""Fused inference convolution in Triton: conv + bias (folded BN) [+ residual] [+ ReLU].
+
+Implicit GEMM over NHWC activations: rows are output pixels (M = N*Ho*Wo),
+columns are output channels (Cout), the reduction runs over (kh, kw, cin).
+Three ways to load the activation tile, picked per call (`_mode`):
+
+  gemm      1x1 / stride 1 / pad 0 on a dense channels_last input: the input
+            *is* an [M, Cin] matrix, so this is a plain GEMM.
+  implicit  any kernel; the loop walks (tap, Cin-block) so each K step reads
+            BLOCK_K contiguous channels of one input pixel.
+  flat      Cin < 16 (the RGB stems): channel blocks would be mostly padding,
+            so K = KH*KW*Cin is flattened and gathered element-wise.
+
+Precision: fp16/bf16 operands accumulate in fp32. fp32 operands use TF32
+exactly when cuDNN would for a convolution (torch.backends.cudnn.conv
+fp32_precision on torch >= 2.9, inheriting as torch does; else the legacy
+torch.backends.cudnn.allow_tf32), and full IEEE fp32 otherwise. The epilogue
+(bias, residual, ReLU) runs in fp32 and rounds once, to x's dtype.
+
+Registered as the custom op resnet_fast::triton_conv_bias_act (fake impl
+with channels_last strides, autograd via aten.convolution_backward), so it
+works under torch.compile(fullgraph=True) and torch.library.opcheck.
+"""
+import collections
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreter_enabled, triton_usable
+
+# Launches per kernel variant; tests read it to prove a Triton kernel ran.
+LAUNCHES: collections.Counter = collections.Counter()
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MODES = {"gemm": 0, "implicit": 1, "flat": 2}
+_FLAT_K_MAX_CIN = 16  # below this, channel blocks of >= 16 (tl.dot's minimum) waste most of K
+
+
+# --- autotuning -------------------------------------------------------------
+
+def _config(bm, bn, bk, group_m, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
+# Hopper (sm90: H100/H200): 8-warp big tiles for wgmma and 227 KB of shared memory.
+_HOPPER_CONFIGS = [
+    _config(128, 256, 64, 8, 8, 3),
+    _config(256, 128, 64, 8, 8, 3),
+    _config(128, 128, 64, 8, 8, 4),
+    _config(256, 64, 64, 8, 8, 4),  # the Cout=64 layers
+]
+# Ampere (sm80/86) and the smaller problems everywhere: 4-warp mma tiles.
+_AMPERE_CONFIGS = [
+    _config(128, 128, 32, 8, 4, 4),
+    _config(128, 64, 32, 8, 4, 4),
+    _config(64, 128, 32, 8, 4, 4),
+    _config(64, 64, 64, 8, 4, 4),
+    _config(32, 64, 32, 8, 4, 4),  # tiny M: late layers at batch 1
+]
+_GPU_CONFIGS = _HOPPER_CONFIGS + _AMPERE_CONFIGS
+# The interpreter gets one fixed config: deterministic, no benchmarking. Its
+# cost is per program and per loop step, so wide N and K tiles run ~9x faster
+# there than 32x32x16 (CPU model tests depend on it).
+_INTERPRETER_CONFIGS = [_config(32, 64, 64, 4, 4, 1)]
+
+
+def _device_limits(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, shared memory bytes per block)."""
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+    return (props.major, props.minor), smem
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose tiles overshoot the problem or overflow shared memory."""
+    args = {**named_args, **kwargs}  # the autotuner passes positional and keyword args apart
+    m, cin, cout = args["M"], args["C_IN"], args["C_OUT"]
+    k_total = cin * args["KH"] * args["KW"] if args["MODE"] == _MODES["flat"] else cin
+    x = args["x_ptr"]
+    capability, smem = _device_limits(x.device)
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if capability < (9, 0) and any(c is h for h in _HOPPER_CONFIGS):
+            continue
+        if bm > max(32, triton.next_power_of_2(m)) or bn > max(64, triton.next_power_of_2(cout)):
+            continue
+        if bk > max(32, triton.next_power_of_2(k_total)):
+            continue
+        if c.num_stages * (bm + bn) * bk * x.element_size() > smem:
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the row count: batch sizes / resolutions in the same
+    power-of-two bucket share a tuned config instead of re-tuning."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+# --- kernel -----------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        # Only under TRITON_INTERPRET: the interpreter's tl.dot returns garbage
+        # for bf16 operands, so it multiplies their exact fp32 values instead.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.autotune(
+    configs=_INTERPRETER_CONFIGS if interpreter_enabled() else _GPU_CONFIGS,
+    key=["M_BUCKET", "C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
+         "MODE", "HAS_RES", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _conv_bias_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
+    M, C_IN, H, W, C_OUT, HO, WO,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_b, stride_rn, stride_rc, stride_rh, stride_rw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    M_BUCKET,  # autotune key only
+    KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles in a row share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < C_OUT
+    # (n, ho, wo) of each output row; int64 where products can pass 2**31.
+    n_idx = (offs_m // (HO * WO)).to(tl.int64)
+    hw = offs_m % (HO * WO)
+    ho = hw // WO
+    wo = hw % WO
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_cols = w_ptr + offs_n[None, :] * stride_wo
+    if MODE == 0:
+        # gemm: the launcher passes the row stride (Cin) as stride_xw.
+        a_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xw
+        for k0 in range(0, C_IN, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < C_IN
+            a = tl.load(a_rows + k[None, :] * stride_xc, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_cols + k[:, None] * stride_wc, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+    elif MODE == 1:
+        hi0 = ho * STRIDE_H - PAD_H
+        wi0 = wo * STRIDE_W - PAD_W
+        x_rows = x_ptr + n_idx * stride_xn
+        c_blocks = tl.cdiv(C_IN, BLOCK_K)
+        # One flat loop over (tap, channel block) so the compiler can pipeline
+        # across taps even when Cin is a single block.
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            k = (it - tap * c_blocks) * BLOCK_K + offs_k
+            kh = tap // KW
+            kw = tap % KW
+            hi = hi0 + kh * DIL_H
+            wi = wi0 + kw * DIL_W
+            row_ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            k_ok = k < C_IN
+            a_ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw)[:, None] + k[None, :] * stride_xc
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_ptrs = w_cols + kh * stride_wh + kw * stride_ww + k[:, None] * stride_wc
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+    else:
+        hi0 = ho * STRIDE_H - PAD_H
+        wi0 = wo * STRIDE_W - PAD_W
+        x_rows = x_ptr + n_idx * stride_xn
+        k_total = KH * KW * C_IN
+        for k0 in range(0, k_total, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < k_total
+            kh = k // (KW * C_IN)
+            kwc = k % (KW * C_IN)
+            kw = kwc // C_IN
+            c = kwc % C_IN
+            hi = hi0[:, None] + (kh * DIL_H)[None, :]
+            wi = wi0[:, None] + (kw * DIL_W)[None, :]
+            a_ok = m_mask[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a = tl.load(x_rows[:, None] + hi * stride_xh + wi * stride_xw + (c * stride_xc)[None, :],
+                        mask=a_ok, other=0.0)
+            b_ptrs = w_cols + (kh * stride_wh + kw * stride_ww + c * stride_wc)[:, None]
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
+
+    # Epilogue in fp32, one rounding at the store.
+    acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_ptrs = (r_ptr + (n_idx * stride_rn + ho * stride_rh + wo * stride_rw)[:, None]
+                  + offs_n[None, :] * stride_rc)
+        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    # The output is always freshly allocated dense channels_last: row-major [M, Cout].
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# --- launcher -----------------------------------------------------------------
+
+def _fp32_allows_tf32(op: str = "conv") -> bool:
+    """Whether torch would use TF32 right now for an fp32 `op`: "conv" (cuDNN)
+    or "matmul" (cuBLAS)."""
+    if op == "conv":
+        chain = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
+    else:
+        chain = (torch.backends.cuda.matmul, torch.backends)
+    if not hasattr(chain[0], "fp32_precision"):  # torch < 2.9: only the legacy flags
+        legacy = torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul
+        return bool(legacy.allow_tf32)
+    # "none" inherits from the parent setting. (Reading the legacy flags raises
+    # once the new API has been used, so they are not consulted here.)
+    for node in chain:
+        setting = getattr(node, "fp32_precision", "none")
+        if setting != "none":
+            return setting == "tf32"
+    return False
+
+
+def _mode(x: torch.Tensor, kh: int, kw: int, stride, padding) -> str:
+    if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        return "gemm"
+    return "flat" if x.shape[1] < _FLAT_K_MAX_CIN else "implicit"
+
+
+def _out_hw(h, w, kh, kw, stride, padding, dilation):
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _check_conv_args(x, weight, bias, residual, stride, padding, dilation):
+    """Validate the op's inputs; returns (Ho, Wo)."""
+    name = "resnet_fast conv_bias_act"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name}: x must be a 4-D [N, Cin, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{name}: weight must be a 4-D [Cout, Cin, KH, KW] tensor")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{name}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: weight expects Cin={weight.shape[1]} but x has {x.shape[1]} channels "
+                         "(only groups=1 is supported)")
+    cout = weight.shape[0]
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != cout:
+        raise ValueError(f"{name}: bias must be a 1-D tensor of Cout={cout} elements, got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias.dtype != torch.float32:
+        raise ValueError(f"{name}: bias (the folded BN shift) must be float32, got {bias.dtype}")
+    for label, seq, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(seq) != 2 or any(int(v) < low for v in seq):
+            raise ValueError(f"{name}: {label} must be two ints >= {low}, got {list(seq)}")
+    tensors = [("weight", weight), ("bias", bias)] + ([("residual", residual)] if residual is not None else [])
+    for label, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but x is on {x.device}")
+    ho, wo = _out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{name}: input {tuple(x.shape[2:])} is too small for a {tuple(weight.shape[2:])} "
+                         f"kernel with stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}")
+    if residual is not None:
+        expected = (x.shape[0], cout, ho, wo)
+        if tuple(residual.shape) != expected or residual.dtype != x.dtype:
+            raise ValueError(f"{name}: residual must match the output: shape {expected} and dtype {x.dtype}, "
+                             f"got {tuple(residual.shape)} {residual.dtype}")
+    return ho, wo
+
+
+def _empty_out(x, cout, ho, wo):
+    return torch.empty((x.shape[0], cout, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu, out=None, allow_tf32=None):
+    """Launch the kernel (inputs already validated). `out`, if given, must be a
+    dense channels_last [N, Cout, Ho, Wo] buffer (avg_pool_fc writes its fc
+    result straight into a 2-D tensor this way). allow_tf32=None follows
+    cuDNN's conv setting; callers that are not convs pass their own rule."""
+    if not triton_usable(x.device):
+        raise RuntimeError(f"resnet_fast Triton conv cannot run on {x.device.type} tensors: it needs CUDA, "
+                           "or TRITON_INTERPRET=1 set before triton is imported")
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
+    if out is None:
+        out = _empty_out(x, cout, ho, wo)
+    m = n * ho * wo
+    if m == 0 or cout == 0:
+        return out
+    mode = _mode(x, kh, kw, stride, padding)
+    sx = [x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
+    if mode == "gemm":
+        sx[1], sx[3] = 1, cin  # dense channels_last rows; strides of size-1 dims may be arbitrary
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+    sr = [res.stride(0), res.stride(1), res.stride(2), res.stride(3)] if residual is not None else [0, 0, 0, 0]
+    fp32 = x.dtype == torch.float32
+    if allow_tf32 is None:
+        allow_tf32 = _fp32_allows_tf32("conv")
+    precision = "ieee" if fp32 and not allow_tf32 else "tf32"  # ignored for fp16/bf16
+    upcast = interpreter_enabled() and x.dtype == torch.bfloat16
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _conv_bias_act_fwd_kernel[grid](
+            x, weight, bias, res, out,
+            m, cin, h, w, cout, ho, wo,
+            *sx,
+            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+            bias.stride(0), *sr,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            _m_bucket(m),
+            KH=kh, KW=kw, MODE=_MODES[mode], HAS_RES=residual is not None, RELU=bool(relu),
+            DOT_PRECISION=precision, UPCAST_DOT=upcast,
+        )
+    LAUNCHES[f"conv_bias_act.{mode}"] += 1
+    return out
+
+
+# --- torch.library registration ------------------------------------------------
+
+@torch.library.custom_op(
+    "resnet_fast::triton_conv_bias_act", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor bias, Tensor? residual, int[] stride, int[] padding, "
+           "int[] dilation, bool relu) -> Tensor",
+)
+def _conv_bias_act_op(x, weight, bias, residual, stride, padding, dilation, relu):
+    _check_conv_args(x, weight, bias, residual, stride, padding, dilation)
+    return conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu)
+
+
+@_conv_bias_act_op.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, relu):
+    ho, wo = _check_conv_args(x, weight, bias, residual, stride, padding, dilation)
+    return _empty_out(x, weight.shape[0], ho, wo)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, relu = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    if ctx.relu:  # relu(z) > 0 exactly where z > 0
+        grad = grad * (out > 0)
+    stride, padding, dilation = ctx.conv_args
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    grad_x = grad_w = None
+    if need_x or need_w:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, False])
+    grad_b = grad.sum(dim=(0, 2, 3), dtype=torch.float32) if need_b else None
+    grad_r = grad if need_r and ctx.has_residual else None
+    return grad_x, grad_w, grad_b, grad_r, None, None, None, None
+
+
+_conv_bias_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public API ------------------------------------------------------------------
+
+def _pair(value, label):
+    if isinstance(value, int):
+        return [value, value]
+    try:
+        pair = [int(v) for v in value]
+    except TypeError:
+        pair = []
+    if len(pair) != 2:
+        raise ValueError(f"resnet_fast conv_bias_act: {label} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def conv_bias_act(x, weight, bias, residual=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                  relu=False):
+    """relu?(conv2d(x, weight) + bias + residual?) in one Triton kernel.
+
+    x:        [N, Cin, H, W], float32/float16/bfloat16, channels_last for speed
+              (any strides are read correctly; none are copied).
+    weight:   [Cout, Cin, KH, KW], x's dtype (groups=1).
+    bias:     [Cout] float32, e.g. the folded BatchNorm shift.
+    residual: None or [N, Cout, Ho, Wo] in x's dtype, added before the ReLU.
+    Returns [N, Cout, Ho, Wo] channels_last in x's dtype. fp32 inputs use TF32
+    iff cuDNN would for a conv (see the module docstring).
+    """
+    return torch.ops.resnet_fast.triton_conv_bias_act(
+        x, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), bool(relu))

@@ -1,0 +1,311 @@
+"""Triton pooling kernels for the ResNet inference path, all NHWC in and out.
+
+  max_pool_3x3s2(x)           the stem's MaxPool2d(3, stride 2, padding 1)
+  avg_pool_2x2_ceil(x)        ResNet-D's shortcut AvgPool2d(2, 2, ceil_mode=True,
+                              count_include_pad=False)
+  avg_pool_fc(x, w, b)        global average pool + Linear: a pooling kernel, then
+                              the fc as the conv kernel's GEMM path with a bias
+                              epilogue. (Fusing the pool into the GEMM's A loads
+                              would re-read x once per class tile: slower.)
+
+Each is a torch.library custom op (resnet_fast::triton_*) with a fake impl and
+autograd, so torch.compile(fullgraph=True) and opcheck work. Launches are
+counted in triton_conv.LAUNCHES. Reductions run in fp32; outputs are x's dtype.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_conv import _DTYPES, LAUNCHES, _fp32_allows_tf32, conv_bias_act_fwd
+from ..backend import triton_usable
+
+_BLOCK_P = 32  # output pixels per program
+
+
+def _block_c(c: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(c)))
+
+
+@triton.jit
+def _max_pool_3x3s2_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
+                               stride_xn, stride_xc, stride_xh, stride_xw,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P
+    c_ok = offs_c < C
+    n = (offs_p // (HO * WO)).to(tl.int64)
+    ho = (offs_p % (HO * WO)) // WO
+    wo = offs_p % WO
+    x_rows = x_ptr + n * stride_xn
+    acc = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
+    for kh in tl.static_range(3):
+        for kw in tl.static_range(3):
+            hi = ho * 2 - 1 + kh
+            wi = wo * 2 - 1 + kw
+            ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw)[:, None] + offs_c[None, :] * stride_xc
+            v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=float("-inf"))
+            acc = tl.maximum(acc, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
+    out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _avg_pool_2x2_ceil_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
+                                  stride_xn, stride_xc, stride_xh, stride_xw,
+                                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P
+    c_ok = offs_c < C
+    n = (offs_p // (HO * WO)).to(tl.int64)
+    ho = (offs_p % (HO * WO)) // WO
+    wo = offs_p % WO
+    x_rows = x_ptr + n * stride_xn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(2):
+        for kw in tl.static_range(2):
+            hi = ho * 2 + kh
+            wi = wo * 2 + kw
+            ok = p_ok & (hi < H) & (wi < W)
+            ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw)[:, None] + offs_c[None, :] * stride_xc
+            acc += tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    # ceil_mode windows hang off the bottom/right edge; count only the real pixels.
+    count = (tl.minimum(ho * 2 + 2, H) - ho * 2) * (tl.minimum(wo * 2 + 2, W) - wo * 2)
+    acc = acc / count.to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _global_avg_pool_fwd_kernel(x_ptr, out_ptr, C, H, W,
+                                stride_xn, stride_xc, stride_xh, stride_xw,
+                                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    x_img = x_ptr + n * stride_xn
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for hw0 in range(0, H * W, BLOCK_HW):
+        hw = hw0 + tl.arange(0, BLOCK_HW)
+        h = hw // W
+        w = hw % W
+        ptrs = x_img + (h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
+        v = tl.load(ptrs, mask=(hw < H * W)[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.sum(v.to(tl.float32), axis=0)
+    acc = acc / (H * W)
+    tl.store(out_ptr + n * C + offs_c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+# --- launchers ------------------------------------------------------------------
+
+def _check_x(x, name):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"resnet_fast {name}: x must be a 4-D [N, C, H, W] tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"resnet_fast {name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"resnet_fast {name}: x must have H, W >= 1, got {tuple(x.shape)}")
+
+
+def _require_triton(x, name):
+    if not triton_usable(x.device):
+        raise RuntimeError(f"resnet_fast Triton {name} cannot run on {x.device.type} tensors: it needs CUDA, "
+                           "or TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _device_guard(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _pool_out_shape(x, kind):
+    n, c, h, w = x.shape
+    if kind == "max":  # 3x3 / 2, padding 1
+        return n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return n, c, (h + 1) // 2, (w + 1) // 2  # 2x2 / 2, ceil_mode
+
+
+def _empty_cl(shape, x):
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def _pool_fwd(x, kind):
+    name = "max_pool_3x3s2" if kind == "max" else "avg_pool_2x2_ceil"
+    _require_triton(x, name)
+    n, c, ho, wo = _pool_out_shape(x, kind)
+    out = _empty_cl((n, c, ho, wo), x)
+    p = n * ho * wo
+    if p == 0 or c == 0:
+        return out
+    kernel = _max_pool_3x3s2_fwd_kernel if kind == "max" else _avg_pool_2x2_ceil_fwd_kernel
+    block_c = _block_c(c)
+    with _device_guard(x):
+        kernel[(triton.cdiv(p, _BLOCK_P), triton.cdiv(c, block_c))](
+            x, out, p, c, x.shape[2], x.shape[3], ho, wo, *x.stride(),
+            BLOCK_P=_BLOCK_P, BLOCK_C=block_c)
+    LAUNCHES[name] += 1
+    return out
+
+
+def max_pool_3x3s2_fwd(x):
+    return _pool_fwd(x, "max")
+
+
+def avg_pool_2x2_ceil_fwd(x):
+    return _pool_fwd(x, "avg")
+
+
+def global_avg_pool_fwd(x):
+    """[N, C, H, W] -> [N, C] mean over H, W (fp32 sum, x's dtype out)."""
+    _require_triton(x, "avg_pool_fc")
+    n, c, h, w = x.shape
+    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
+    if n == 0 or c == 0:
+        return out
+    block_c = _block_c(c)
+    with _device_guard(x):
+        _global_avg_pool_fwd_kernel[(n, triton.cdiv(c, block_c))](
+            x, out, c, h, w, *x.stride(), BLOCK_HW=16, BLOCK_C=block_c)
+    LAUNCHES["global_avg_pool"] += 1
+    return out
+
+
+def _check_fc(x, weight, bias):
+    _check_x(x, "avg_pool_fc")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"resnet_fast avg_pool_fc: weight must be [num_classes, C={x.shape[1]}], got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"resnet_fast avg_pool_fc: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"resnet_fast avg_pool_fc: bias must be 1-D with num_classes={weight.shape[0]} "
+                         "elements")
+    if not bias.is_floating_point():
+        raise ValueError(f"resnet_fast avg_pool_fc: bias must be a floating-point tensor, got {bias.dtype}")
+    for label, t in (("weight", weight), ("bias", bias)):
+        if t.device != x.device:
+            raise ValueError(f"resnet_fast avg_pool_fc: {label} is on {t.device} but x is on {x.device}")
+
+
+def avg_pool_fc_fwd(x, weight, bias):
+    n, c = x.shape[:2]
+    classes = weight.shape[0]
+    pooled = global_avg_pool_fwd(x)
+    out = torch.empty((n, classes), dtype=x.dtype, device=x.device)
+    # [N, C] and [classes, C] seen as 1x1 convs: the GEMM path, bias in the epilogue.
+    # fp32 uses TF32 iff torch's matmul setting allows it, as F.linear would.
+    conv_bias_act_fwd(pooled[:, :, None, None], weight[:, :, None, None], bias.float(), None,
+                      (1, 1), (0, 0), (1, 1), False, out=out[:, :, None, None],
+                      allow_tf32=_fp32_allows_tf32("matmul"))
+    return out
+
+
+# --- torch.library registration ------------------------------------------------------
+
+@torch.library.custom_op("resnet_fast::triton_max_pool_3x3s2", mutates_args=(), schema="(Tensor x) -> Tensor")
+def _max_pool_op(x):
+    _check_x(x, "max_pool_3x3s2")
+    return max_pool_3x3s2_fwd(x)
+
+
+@_max_pool_op.register_fake
+def _(x):
+    _check_x(x, "max_pool_3x3s2")
+    return _empty_cl(_pool_out_shape(x, "max"), x)
+
+
+def _save_x(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _max_pool_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], False)
+    # Recompute aten's argmax so ties route the gradient exactly as eager does.
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, *args)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *args, indices)
+
+
+_max_pool_op.register_autograd(_max_pool_backward, setup_context=_save_x)
+
+
+@torch.library.custom_op("resnet_fast::triton_avg_pool_2x2_ceil", mutates_args=(),
+                         schema="(Tensor x) -> Tensor")
+def _avg_pool_op(x):
+    _check_x(x, "avg_pool_2x2_ceil")
+    return avg_pool_2x2_ceil_fwd(x)
+
+
+@_avg_pool_op.register_fake
+def _(x):
+    _check_x(x, "avg_pool_2x2_ceil")
+    return _empty_cl(_pool_out_shape(x, "avg"), x)
+
+
+def _avg_pool_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.aten.avg_pool2d_backward(grad, x, [2, 2], [2, 2], [0, 0], True, False, None)
+
+
+_avg_pool_op.register_autograd(_avg_pool_backward, setup_context=_save_x)
+
+
+@torch.library.custom_op("resnet_fast::triton_avg_pool_fc", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor bias) -> Tensor")
+def _avg_pool_fc_op(x, weight, bias):
+    _check_fc(x, weight, bias)
+    return avg_pool_fc_fwd(x, weight, bias)
+
+
+@_avg_pool_fc_op.register_fake
+def _(x, weight, bias):
+    _check_fc(x, weight, bias)
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _fc_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = bias.dtype
+
+
+def _fc_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    h, w = x.shape[2], x.shape[3]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = (grad @ weight).div(h * w)[:, :, None, None].expand(x.shape)
+    if need_w:
+        grad_w = grad.t() @ x.mean(dim=(2, 3), dtype=torch.float32).to(x.dtype)
+    if need_b:
+        grad_b = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b
+
+
+_avg_pool_fc_op.register_autograd(_fc_backward, setup_context=_fc_setup)
+
+
+# --- public API -------------------------------------------------------------------
+
+def max_pool_3x3s2(x):
+    """F.max_pool2d(x, 3, 2, 1) on [N, C, H, W] (any strides; channels_last is fast).
+    Returns channels_last, x's dtype."""
+    return torch.ops.resnet_fast.triton_max_pool_3x3s2(x)
+
+
+def avg_pool_2x2_ceil(x):
+    """F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False), the
+    ResNet-D shortcut pool. Returns channels_last, x's dtype."""
+    return torch.ops.resnet_fast.triton_avg_pool_2x2_ceil(x)
+
+
+def avg_pool_fc(x, weight, bias):
+    """F.linear(x.mean((2, 3)), weight, bias): [N, C, H, W] -> [N, num_classes].
+    weight: [num_classes, C] in x's dtype; bias: [num_classes], any float dtype
+    (added in fp32). Returns x's dtype."""
+    return torch.ops.resnet_fast.triton_avg_pool_fc(x, weight, bias)
