@@ -145,7 +145,8 @@ def _run_ext(x, conv, bn, residual, relu, dtype):
 def _run_cudnn_ext(x, conv, bn, residual, relu, dtype):
     # Grouped convs under "triton"/"auto" on CUDA: cuDNN conv + the extension's fused epilogue.
     CALLS["cudnn_ext"] += 1
-    return _run_ext(x, conv, bn, residual, relu, dtype)
+    with _backend.use_backend("ext"):
+        return _run_ext(x, conv, bn, residual, relu, dtype)
 
 
 _MKLDNN_DTYPES = (torch.float32, torch.bfloat16)

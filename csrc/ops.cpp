@@ -1,0 +1,68 @@
+// Operator schemas of torch.ops.resnet_fast and their CPU implementations.
+// CUDA implementations are registered by cuda/ops.cu when it is compiled in.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+#include "ops_impl.h"
+
+// Written by setup.py (build dir, on the include path); a JIT build has none.
+#if __has_include("resnet_fast_build_info.h")
+#include "resnet_fast_build_info.h"
+#else
+#define RESNET_FAST_BUILD_INFO "cuda=none;why=jit"
+#endif
+
+extern "C" {
+// Importing resnet_fast._C loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace resnet_fast {
+
+std::string build_info() { return RESNET_FAST_BUILD_INFO; }
+
+TORCH_LIBRARY(resnet_fast, m) {
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
+  m.def("add_relu_out(Tensor x, Tensor residual, Tensor(a!) out) -> ()");
+  m.def("add_relu_(Tensor(a!) x, Tensor residual) -> ()");
+  m.def("add_relu_backward(Tensor grad_out, Tensor out) -> Tensor");
+  m.def("scale_bias_act(Tensor x, Tensor scale, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "scale_bias_act_out(Tensor x, Tensor scale, Tensor bias, Tensor? residual, bool relu, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "scale_bias_act_(Tensor(a!) x, Tensor scale, Tensor bias, Tensor? residual, bool relu) -> ()");
+  m.def(
+      "bn_act_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool relu) "
+      "-> (Tensor out, Tensor mean, Tensor var)");
+  m.def(
+      "bn_act_bwd(Tensor grad_out, Tensor x, Tensor out, Tensor? weight, Tensor mean, Tensor var, "
+      "float eps, bool relu, bool residual_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  m.def(
+      "bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float momentum, int count) -> ()");
+  m.def("_build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  using K = CpuKernels;
+  m.impl("add_relu", &impl::add_relu<K>);
+  m.impl("add_relu_out", &impl::add_relu_out<K>);
+  m.impl("add_relu_", &impl::add_relu_<K>);
+  m.impl("add_relu_backward", &impl::add_relu_backward<K>);
+  m.impl("scale_bias_act", &impl::scale_bias_act<K>);
+  m.impl("scale_bias_act_out", &impl::scale_bias_act_out<K>);
+  m.impl("scale_bias_act_", &impl::scale_bias_act_<K>);
+  m.impl("bn_act_fwd", &impl::bn_act_fwd<K>);
+  m.impl("bn_act_bwd", &impl::bn_act_bwd<K>);
+  m.impl("bn_update_stats_", &impl::bn_update_stats_<K>);
+}
+
+}  // namespace resnet_fast

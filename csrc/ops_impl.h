@@ -1,0 +1,293 @@
+// Device-independent bodies of the resnet_fast ops: argument checks, memory
+// format, output allocation. Each body is a template over a Kernels struct
+// (CpuKernels in cpu/kernels.h, CudaKernels in cuda/ops.cu) that owns the loops,
+// so CPU and CUDA share exactly the same semantics.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <optional>
+#include <tuple>
+
+namespace resnet_fast {
+
+// Kernels see x either as [outer, C, inner] with inner contiguous (NCHW and any
+// contiguous N,C,... tensor) or, channels_last, as [outer = N*H*W rows, C].
+struct ChannelView {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  bool channels_last;
+};
+
+// The kernels run channels_last only when x really is NHWC-dense; everything
+// else runs on an NCHW-contiguous copy. Python's fake kernels use the same rule.
+inline at::MemoryFormat kernel_format(const at::Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() &&
+      x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+inline ChannelView channel_view(const at::Tensor& x, at::MemoryFormat fmt) {
+  const int64_t C = x.size(1);
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    return {C == 0 ? 0 : x.numel() / C, C, 1, true};
+  }
+  int64_t inner = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) inner *= x.size(d);
+  return {x.size(0), C, inner, false};
+}
+
+// fp64 inputs accumulate in fp64, everything else in fp32.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "resnet_fast: ", name, " must be a tensor");
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "resnet_fast: ", name, " must be float32, float16, bfloat16 or float64, got ", st);
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_float(t, name);
+  TORCH_CHECK(t.sizes() == x.sizes(), "resnet_fast: ", name, " must have x's shape ", x.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "resnet_fast: ", name, " must have x's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "resnet_fast: ", name, " must be on x's device ",
+              x.device(), ", got ", t.device());
+}
+
+inline void check_channels_input(const at::Tensor& x) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "resnet_fast: x must be (N, C, ...) with at least 2 dims, got shape ",
+              x.sizes());
+}
+
+inline void check_per_channel(const at::Tensor& p, const at::Tensor& x, const char* name) {
+  check_float(p, name);
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(1), "resnet_fast: ", name,
+              " must be 1-D with one value per channel (", x.size(1), "), got shape ", p.sizes());
+  TORCH_CHECK(p.device() == x.device(), "resnet_fast: ", name, " must be on x's device ",
+              x.device(), ", got ", p.device());
+}
+
+// Per-channel parameter in the accumulation dtype, contiguous; undefined stays undefined.
+inline at::Tensor as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(acc).contiguous();
+}
+
+inline at::Tensor empty_in(const at::Tensor& like, at::MemoryFormat fmt) {
+  return at::empty(like.sizes(), like.options().memory_format(fmt));
+}
+
+// Runs `compute(out_in_kernel_format)` and makes its result land in `dst`:
+// directly when dst is dense in a format the kernels use, else via a copy.
+template <class F>
+void write_into(const at::Tensor& dst, F compute) {
+  const auto fmt = kernel_format(dst);
+  if (dst.is_contiguous(fmt)) {
+    compute(dst, fmt);
+  } else {
+    auto tmp = empty_in(dst, at::MemoryFormat::Contiguous);
+    compute(tmp, at::MemoryFormat::Contiguous);
+    dst.copy_(tmp);
+  }
+}
+
+namespace impl {
+
+// ---- add_relu --------------------------------------------------------------
+
+template <class K>
+at::Tensor add_relu(const at::Tensor& x, const at::Tensor& residual) {
+  check_float(x, "x");
+  check_like(residual, x, "residual");
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  auto out = empty_in(x, fmt);
+  if (out.numel() > 0) K::add_relu(x.contiguous(fmt), residual.contiguous(fmt), out);
+  return out;
+}
+
+template <class K>
+void add_relu_out(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out) {
+  check_float(x, "x");
+  check_like(residual, x, "residual");
+  check_like(out, x, "out");
+  at::assert_no_partial_overlap(out, x);
+  at::assert_no_partial_overlap(out, residual);
+  typename K::Guard guard(x.device());
+  if (out.numel() == 0) return;
+  write_into(out, [&](const at::Tensor& dst, at::MemoryFormat fmt) {
+    K::add_relu(x.contiguous(fmt), residual.contiguous(fmt), dst);
+  });
+}
+
+template <class K>
+void add_relu_(const at::Tensor& x, const at::Tensor& residual) {
+  add_relu_out<K>(x, residual, x);
+}
+
+// Gradient of relu(x + residual) w.r.t. both inputs: grad where out > 0.
+template <class K>
+at::Tensor add_relu_backward(const at::Tensor& grad_out, const at::Tensor& out) {
+  check_float(out, "out");
+  check_like(grad_out, out, "grad_out");
+  typename K::Guard guard(out.device());
+  const auto fmt = kernel_format(out);
+  auto grad = empty_in(out, fmt);
+  if (grad.numel() > 0) K::relu_grad(grad_out.contiguous(fmt), out.contiguous(fmt), grad);
+  return grad;
+}
+
+// ---- scale_bias_act (inference) -------------------------------------------
+
+inline void check_scale_bias(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& bias,
+                             const std::optional<at::Tensor>& residual) {
+  check_channels_input(x);
+  check_per_channel(scale, x, "scale");
+  check_per_channel(bias, x, "bias");
+  if (residual.has_value()) check_like(*residual, x, "residual");
+}
+
+template <class K>
+void scale_bias_act_into(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, bool relu,
+                         const at::Tensor& out, at::MemoryFormat fmt) {
+  if (out.numel() == 0) return;
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  K::scale_bias_act(x.contiguous(fmt), scale.to(acc).contiguous(), bias.to(acc).contiguous(), r,
+                    relu, out);
+}
+
+template <class K>
+at::Tensor scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& bias,
+                          const std::optional<at::Tensor>& residual, bool relu) {
+  check_scale_bias(x, scale, bias, residual);
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  auto out = empty_in(x, fmt);
+  scale_bias_act_into<K>(x, scale, bias, residual, relu, out, fmt);
+  return out;
+}
+
+template <class K>
+void scale_bias_act_out(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& bias,
+                        const std::optional<at::Tensor>& residual, bool relu,
+                        const at::Tensor& out) {
+  check_scale_bias(x, scale, bias, residual);
+  check_like(out, x, "out");
+  at::assert_no_partial_overlap(out, x);
+  if (residual.has_value()) at::assert_no_partial_overlap(out, *residual);
+  typename K::Guard guard(x.device());
+  write_into(out, [&](const at::Tensor& dst, at::MemoryFormat fmt) {
+    scale_bias_act_into<K>(x, scale, bias, residual, relu, dst, fmt);
+  });
+}
+
+template <class K>
+void scale_bias_act_(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual, bool relu) {
+  scale_bias_act_out<K>(x, scale, bias, residual, relu, x);
+}
+
+// ---- bn_act (training: batch statistics) -----------------------------------
+
+inline int64_t values_per_channel(const at::Tensor& x) {
+  return x.size(1) == 0 ? 0 : x.numel() / x.size(1);
+}
+
+// act(batch_norm(x) + residual) with batch statistics. Returns the output, the
+// batch mean and the biased batch variance (accumulation dtype, shape [C]).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
+    bool relu) {
+  check_channels_input(x);
+  TORCH_CHECK(values_per_channel(x) > 1,
+              "resnet_fast: batch norm in training needs more than 1 value per channel, got x of "
+              "shape ", x.sizes());
+  if (weight.has_value()) check_per_channel(*weight, x, "weight");
+  if (bias.has_value()) check_per_channel(*bias, x, "bias");
+  if (residual.has_value()) check_like(*residual, x, "residual");
+  TORCH_CHECK(eps >= 0, "resnet_fast: eps must be >= 0, got ", eps);
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  const auto acc = acc_type(x.scalar_type());
+  auto out = empty_in(x, fmt);
+  auto mean = at::empty({x.size(1)}, x.options().dtype(acc));
+  auto var = at::empty({x.size(1)}, x.options().dtype(acc));
+  const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  K::bn_forward(x.contiguous(fmt), as_acc(weight, acc), as_acc(bias, acc), r, eps, relu, out, mean,
+                var);
+  return {out, mean, var};
+}
+
+// Gradients of bn_act_fwd. grad_residual is the ReLU-masked grad_out (an empty
+// tensor when residual_grad is false); the ReLU mask comes from out > 0.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+    double eps, bool relu, bool residual_grad) {
+  check_channels_input(x);
+  check_like(grad_out, x, "grad_out");
+  check_like(out, x, "out");
+  check_per_channel(mean, x, "mean");
+  check_per_channel(var, x, "var");
+  if (weight.has_value()) check_per_channel(*weight, x, "weight");
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  const auto acc = acc_type(x.scalar_type());
+  auto grad_x = empty_in(x, fmt);
+  auto grad_w = at::empty({x.size(1)}, x.options().dtype(acc));
+  auto grad_b = at::empty({x.size(1)}, x.options().dtype(acc));
+  auto grad_r = residual_grad ? empty_in(x, fmt) : at::empty({0}, x.options());
+  K::bn_backward(grad_out.contiguous(fmt), x.contiguous(fmt), out.contiguous(fmt),
+                 as_acc(weight, acc), mean.to(acc).contiguous(), var.to(acc).contiguous(), eps,
+                 relu, grad_x, grad_w, grad_b, residual_grad ? grad_r : at::Tensor());
+  return {grad_x, grad_w, grad_b, grad_r};
+}
+
+// running = (1 - momentum) * running + momentum * batch, with the unbiased
+// variance (count / (count - 1)) for running_var, exactly as torch does.
+template <class K>
+void bn_update_stats_(const at::Tensor& running_mean, const at::Tensor& running_var,
+                      const at::Tensor& mean, const at::Tensor& var, double momentum,
+                      int64_t count) {
+  check_float(running_mean, "running_mean");
+  check_like(running_var, running_mean, "running_var");
+  TORCH_CHECK(running_mean.dim() == 1, "resnet_fast: running_mean must be 1-D, got shape ",
+              running_mean.sizes());
+  check_float(mean, "mean");
+  check_like(var, mean, "var");
+  TORCH_CHECK(mean.sizes() == running_mean.sizes() && mean.device() == running_mean.device(),
+              "resnet_fast: mean must match running_mean's shape and device");
+  TORCH_CHECK(count > 1, "resnet_fast: count must be > 1 for the unbiased variance, got ", count);
+  typename K::Guard guard(running_mean.device());
+  if (running_mean.numel() == 0) return;
+  const auto acc = acc_type(mean.scalar_type());
+  const auto m = mean.to(acc).contiguous();
+  const auto v = var.to(acc).contiguous();
+  if (running_mean.is_contiguous() && running_var.is_contiguous()) {
+    K::update_running_stats(running_mean, running_var, m, v, momentum, count);
+  } else {
+    auto rm = running_mean.contiguous();
+    auto rv = running_var.contiguous();
+    K::update_running_stats(rm, rv, m, v, momentum, count);
+    running_mean.copy_(rm);
+    running_var.copy_(rv);
+  }
+}
+
+}  // namespace impl
+}  // namespace resnet_fast

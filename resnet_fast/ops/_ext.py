@@ -1,0 +1,104 @@
+"""The compiled extension resnet_fast._C: loading it and saying what it can run.
+
+The extension is optional. Without it resnet_fast runs on its Triton and torch
+paths; the reason is logged once (logger "resnet_fast") and returned by
+status(), which `resnet-fast info` prints.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import re
+
+import torch
+
+log = logging.getLogger("resnet_fast")
+
+BUILD_HINT = "install torch, then run pip install --no-build-isolation -e . in the source checkout"
+
+# Results that cannot change within a process. A plain dict, not lru_cache:
+# torch.compile traces through these lookups without warnings.
+_cache: dict = {}
+
+
+def _load() -> tuple[bool, str]:
+    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cpu._is_avx2_supported():
+        # setup.py compiles the x86 CPU kernels for AVX2: loading them here could crash.
+        why = "not loaded: this x86 CPU lacks AVX2, which the extension's CPU kernels are built for"
+        log.warning("resnet_fast: C++/CUDA extension %s; using the Triton and torch paths", why)
+        return False, why
+    try:
+        from .. import _C  # noqa: F401  loading the library registers torch.ops.resnet_fast.*
+    except ImportError as exc:
+        why = f"not built: {exc}; {BUILD_HINT}"
+        log.warning("resnet_fast: C++/CUDA extension unavailable (%s); using the Triton and torch paths", why)
+        return False, why
+    from . import _op_meta
+    _op_meta.register("")  # fake kernels and autograd for the C++ ops
+    return True, describe(build_info())
+
+
+def build_info() -> dict[str, str]:
+    """What setup.py compiled in: cuda (version or "none"), archs, why."""
+    if "build_info" not in _cache:
+        text = torch.ops.resnet_fast._build_info()
+        _cache["build_info"] = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return _cache["build_info"]
+
+
+def _sm(arch: str) -> str:
+    # "8.0" -> "sm_80", "9.0+PTX" -> "sm_90+PTX"
+    return "sm_" + arch.replace(".", "", 1)
+
+
+def describe(info: dict[str, str]) -> str:
+    cpu = f"CPU kernels ({info.get('cpu', 'baseline')})"
+    if info.get("cuda", "none") == "none":
+        return f"{cpu} only: built without CUDA kernels ({info.get('why', 'reason unknown')})"
+    archs = ", ".join(_sm(a) for a in info.get("archs", "").split())
+    return f"built with CUDA kernels ({archs}; CUDA {info['cuda']}) and {cpu}"
+
+
+def status() -> tuple[bool, str]:
+    """(whether resnet_fast._C loaded, a human-readable reason)."""
+    if "status" not in _cache:
+        _cache["status"] = _load()
+    return _cache["status"]
+
+
+def cuda_kernels_built() -> bool:
+    return status()[0] and torch._C._dispatch_has_kernel_for_dispatch_key("resnet_fast::add_relu", "CUDA")
+
+
+def _arch_runs(built: str, capability: tuple[int, int]) -> bool:
+    # SASS runs on the same major and an equal or newer minor; PTX JIT-compiles
+    # for any newer GPU; an "a" arch (9.0a) runs on exactly that GPU.
+    m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", built.strip())
+    if m is None:
+        return False
+    arch = (int(m.group(1)), int(m.group(2)))
+    if m.group(4):
+        return arch <= capability
+    if m.group(3):
+        return arch == capability
+    return arch[0] == capability[0] and arch[1] <= capability[1]
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the extension can run its ops on tensors of `device`."""
+    device = torch.device(device)
+    key = ("available", device)
+    if key not in _cache:
+        _cache[key] = _available(device)
+    return _cache[key]
+
+
+def _available(device: torch.device) -> bool:
+    if not status()[0]:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not cuda_kernels_built() or not torch.cuda.is_available():
+        return False
+    capability = torch.cuda.get_device_capability(device)
+    return any(_arch_runs(a, capability) for a in build_info().get("archs", "").split())

@@ -1,0 +1,106 @@
+"""bn_act: act(bn(x) + residual) as fused ops, with nn.BatchNorm's exact semantics.
+
+Training (batch statistics): one fused forward op (statistics, normalize,
+residual add, ReLU), then the running-stats update; backward is one fused op
+producing grad x, weight, bias and residual, the ReLU mask recomputed from the
+output. Eval (running statistics): scale_bias_act with the folded scale/shift.
+
+Backends: "ext" (resnet_fast._C), "triton", "torch" (bn(x) + residual, relu: the
+reference), "auto" (_dispatch.AUTO_PREFERENCE). Also exports scale_bias_act and
+add_relu, the other fused epilogue ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import backend as _backend
+from . import _dispatch
+from ._op_meta import acc_dtype
+from .add_relu import add_relu
+from .scale_bias_act import scale_bias_act
+
+__all__ = ["bn_act", "scale_bias_act", "add_relu"]
+
+# Exactly these classes run fused; subclasses (SyncBatchNorm, ...) may change forward().
+FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _check(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor]) -> None:
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"bn_act: bn must be a torch.nn BatchNorm module, got {type(bn).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"bn_act: x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"bn_act: residual must be a tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(f"bn_act: residual must have x's shape {tuple(x.shape)} on {x.device}, "
+                             f"got {tuple(residual.shape)} on {residual.device}")
+
+
+def _forward_state(bn: _BatchNorm) -> tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
+    """What nn.BatchNorm.forward computes before F.batch_norm, with the same side
+    effect (num_batches_tracked += 1): (momentum, use batch stats, running_mean, running_var)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return momentum, batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
+
+
+def _reference(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor], relu: bool) -> Tensor:
+    y = bn(x)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """act(bn(x) + residual) with bn.forward's semantics (training/eval, running
+    stats and num_batches_tracked, momentum=None, affine=False), differentiable."""
+    _check(x, bn, residual)
+    if type(bn) not in FUSABLE:
+        requested = _backend.get_backend()
+        if requested not in ("auto", "torch"):
+            raise ValueError(f"bn_act: backend {requested!r} fuses nn.BatchNorm1d/2d/3d only, got "
+                             f"{type(bn).__name__}; use backend 'torch' or 'auto'")
+        _dispatch.CALLS[("bn_act", "torch")] += 1
+        return _reference(x, bn, residual, relu)
+    backend = _dispatch.choose("bn_act", x.device, x.dtype)
+    if backend == "torch":
+        return _reference(x, bn, residual, relu)
+
+    bn._check_input_dim(x)
+    if residual is not None and residual.dtype != x.dtype:
+        # bn(x) + residual type-promotes; the fused ops take one dtype.
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    momentum, batch_stats, running_mean, running_var = _forward_state(bn)
+    if not batch_stats:
+        scale, shift = _eval_scale_shift(bn, acc_dtype(x.dtype))
+        return _dispatch.op(backend, "scale_bias_act")(x, scale, shift, residual, relu)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    out, mean, var = _dispatch.op(backend, "bn_act_fwd")(x, bn.weight, bn.bias, residual, bn.eps, relu)
+    if running_mean is not None:
+        with torch.no_grad():
+            _dispatch.op(backend, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
+    return out
+
+
+def _eval_scale_shift(bn: _BatchNorm, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    # Differentiable in weight and bias (frozen-statistics fine-tuning).
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return scale, shift
