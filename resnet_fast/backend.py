@@ -97,12 +97,16 @@ def availability() -> dict[str, tuple[bool, str]]:
     return {"triton": triton_status(), "ext": ext_status(), "torch": torch_status()}
 
 
+# Under torch.compile these are evaluated once while tracing, as constants:
+# probing a library is not something to trace.
+@torch.compiler.assume_constant_result
 def triton_usable(device: torch.device) -> bool:
     if not triton_status()[0]:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
+@torch.compiler.assume_constant_result
 def ext_usable(device: torch.device) -> bool:
     from .ops import _ext
     return _ext.available(device)

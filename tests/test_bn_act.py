@@ -309,6 +309,68 @@ def test_scale_bias_act_backends(backend):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _resnet_composition():
+    """conv+BN+ReLU stem, max-pool, two BasicBlocks: resnet18's first stage, small."""
+    from resnet_fast.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    net = nn.ModuleDict(dict(conv=nn.Conv2d(3, 16, 3, 2, 1, bias=False), bn=nn.BatchNorm2d(16),
+                             b0=BasicBlock(16, 16), b1=BasicBlock(16, 16)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(16, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(16, generator=g) * 0.2)
+    return net.train()
+
+
+@pytest.mark.parametrize("backend", ["torch", "ext"])
+def test_bn_act_composition_gradients(backend, monkeypatch):
+    """Train-mode gradients through stem + max-pool + two residual blocks, where outputs
+    feed max-pool, later convs and residuals. The fp64 reference reuses this run's ReLU
+    masks and max-pool indices: a pre-activation within fp32 rounding of 0 (or a near-tie
+    in a pool window) may resolve differently in fp64, a discontinuity any fp32
+    implementation hits now and then, which would otherwise swamp the comparison."""
+    skip_unless_usable(backend)
+    import resnet_fast.ops.bn_act as bn_act_mod
+    from resnet_fast.ops.conv_bn import conv_bn_act
+    outs = []
+
+    def recording_bn_act(*args, **kwargs):
+        out = bn_act(*args, **kwargs)
+        outs.append(out.detach())
+        return out
+
+    monkeypatch.setattr(bn_act_mod, "bn_act", recording_bn_act)  # conv_bn_act looks it up per call
+    net = _resnet_composition()
+    ref = copy.deepcopy(net).double()
+    x = torch.randn(8, 3, 32, 32)
+    grad = torch.randn(8, 16, 8, 8)
+    _dispatch.CALLS.clear()
+    with resnet_fast.use_backend(backend):
+        h = conv_bn_act(x, net["conv"], net["bn"], relu=True)
+        h, idx = F.max_pool2d(h, 3, 2, 1, return_indices=True)
+        y = net["b1"](net["b0"](h))
+    y.backward(grad)
+    assert _dispatch.CALLS[("bn_act", backend)] == 5 and len(outs) == 5
+
+    masks = iter([o > 0 for o in outs])
+
+    def bn_relu(c, bn, residual=None):
+        z = F.batch_norm(c, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return (z if residual is None else z + residual) * next(masks)
+
+    hr = bn_relu(ref["conv"](x.double()), ref["bn"])
+    hr = hr.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+    for b in (ref["b0"], ref["b1"]):
+        hr = bn_relu(b.conv2(bn_relu(b.conv1(hr), b.bn1)), b.bn2, residual=hr)
+    hr.backward(grad.double())
+    torch.testing.assert_close(y.double(), hr, rtol=0, atol=1e-5)
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+        err = (p.grad.double() - p_ref.grad).abs().max() / p_ref.grad.abs().max()
+        assert err < 1e-5, f"{name}: relative gradient error {err:.1e}"
+
+
 def test_triton_opcheck():
     skip_unless_usable("triton")
     from resnet_fast.ops import triton_bn_act  # noqa: F401  registers the ops

@@ -13,6 +13,14 @@ at this scale. torchvision against torchvision itself in channels_last (the
 same math, different rounding) drifts apart by 1e-2..1e-1 in loss within 20
 steps for every lr from 1e-3 to 1e-1 we tried, so a free-running 1e-4 test
 could only pass for bit-identical arithmetic, not for a correct fused kernel.
+
+Why gradients are compared in float64 only: a pre-ReLU value within fp32
+rounding of zero lands on either side of zero depending on summation order
+(torch vs the fused kernel, or torchvision NCHW vs channels_last), flipping one
+ReLU mask bit; BatchNorm's backward spreads that to ~1e-2 relative in upstream
+gradients, and the SGD step carries it into the weights. In float64 no mask
+flips, so every gradient and updated parameter is held to 1e-9; in float32
+each step's loss (from identical weights) is held to 1e-4.
 """
 import copy
 from collections import Counter
@@ -26,7 +34,8 @@ from resnet_fast.ops import _dispatch
 
 torchvision = pytest.importorskip("torchvision")
 
-STEPS, BATCH, SIZE, CLASSES, TOL = 20, 16, 32, 10, 1e-4
+STEPS, BATCH, SIZE, CLASSES = 20, 16, 32, 10
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,10 +48,12 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def test_resnet18_training_steps_match_torchvision():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_resnet18_training_steps_match_torchvision(dtype):
+    TOL = TOLERANCE[dtype]
     torch.manual_seed(0)
-    reference = torchvision.models.resnet18(num_classes=CLASSES).train()
-    ours = resnet_fast.resnet18(num_classes=CLASSES).train()
+    reference = torchvision.models.resnet18(num_classes=CLASSES).train().to(dtype)
+    ours = resnet_fast.resnet18(num_classes=CLASSES).train().to(dtype)
     assert isinstance(ours, resnet_fast.ResNet)
     ref_opt, our_opt = _sgd(reference), _sgd(ours)
     names = [name for name, _ in reference.named_parameters()]
@@ -52,7 +63,7 @@ def test_resnet18_training_steps_match_torchvision():
     for step in range(STEPS):
         ours.load_state_dict(reference.state_dict())
         our_opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # deepcopy: no shared momentum buffers
-        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=data)
+        x = torch.randn(BATCH, 3, SIZE, SIZE, generator=data).to(dtype)
         y = torch.randint(0, CLASSES, (BATCH,), generator=data)
         losses = []
         for model, optimizer in ((ours, our_opt), (reference, ref_opt)):
@@ -61,14 +72,16 @@ def test_resnet18_training_steps_match_torchvision():
             loss.backward()
             losses.append(loss.item())
         assert abs(losses[0] - losses[1]) <= TOL * abs(losses[1]), f"step {step}: losses {losses}"
-        for name, p, q in zip(names, ours.parameters(), reference.parameters()):
+        grads = zip(names, ours.parameters(), reference.parameters()) if dtype == torch.float64 else ()
+        for name, p, q in grads:
             error = _relative(p.grad, q.grad)
             assert error <= TOL, f"step {step}: grad of {name} differs by {error:.2e} relative"
 
         our_opt.step()
         ref_opt.step()
         theirs = reference.state_dict()
-        for key, value in ours.state_dict().items():
+        checked = ours.state_dict().items() if dtype == torch.float64 else ()
+        for key, value in checked:
             if value.is_floating_point():
                 error = _relative(value, theirs[key])
                 assert error <= TOL, f"step {step}: {key} differs by {error:.2e} relative after the update"
