@@ -87,13 +87,18 @@ def unsupported(impl: str, spec: Spec) -> str | None:
 def _randomize_bn(model: nn.Module, size: int, generator: torch.Generator) -> None:
     """Random BN affine, then running stats measured on random images (one train-mode pass with
     momentum 1), so each BN really normalizes its input: plain random stats blow up or wash
-    out the activations of a deep net (a ResNet-152 overflows fp16)."""
+    out the activations of a deep net (a ResNet-152 overflows fp16). The last BN of each residual
+    branch gets a small scale, as trained ResNets have: otherwise every block doubles the signal and
+    the logits become ill-conditioned (bf16 eager moves them by ~10%), drowning the error columns."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    last = {id(getattr(block, "bn3", None) or getattr(block, "bn2", None)) for block in model.modules()
+            if hasattr(block, "conv2") and hasattr(block, "downsample")}
     momenta = [bn.momentum for bn in bns]
     with torch.no_grad():
         for bn in bns:
             n = bn.num_features
-            bn.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+            scale = torch.rand(n, generator=generator)
+            bn.weight.copy_(scale * 0.2 if id(bn) in last else scale + 0.5)
             bn.bias.copy_(torch.randn(n, generator=generator) * 0.1)
             bn.momentum = 1.0
         was_training = model.training

@@ -163,7 +163,9 @@ def plan(args: argparse.Namespace) -> Plan:
         spec = Spec(
             arch=arch, mode=args.mode,
             dtype=DTYPES[args.dtype or defaults["dtype"]],
-            batch_size=_positive("batch-size", _or(args.batch_size, defaults["batch_size"])),
+            # train mode: BatchNorm needs more than one value per channel
+            batch_size=_positive("batch-size", _or(args.batch_size, defaults["batch_size"]),
+                                 minimum=2 if args.mode == "train" else 1),
             img_size=_positive("img-size", _or(args.img_size, defaults["img_size"])),
             device=device,
             channels_last=_or(args.channels_last, defaults["channels_last"]),
