@@ -411,3 +411,28 @@ def test_compile_fullgraph_train_step():
     compiled(x).square().sum().backward()
     tv(x).square().sum().backward()
     assert max_rel_err(fast.conv1.weight.grad, tv.conv1.weight.grad) < 1e-3
+
+
+# --- residual buffers reused only when nothing can see them -------------------------
+
+def test_block_called_directly_keeps_its_input():
+    _, fast = pair("resnet18", num_classes=10)
+    x = torch.randn(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    with torch.inference_mode():
+        fast.layer1[1](x)  # identity shortcut: its residual is x itself
+    assert torch.equal(x, before)
+
+
+def test_hooked_activations_are_not_overwritten():
+    tv, fast = pair("resnet18", num_classes=10)
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen["ref"], seen["copy"] = output, output.clone()
+
+    fast.layer1[0].register_forward_hook(keep)  # its output is layer1[1]'s residual
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert max_rel_err(fast(x), tv(x)) < 1e-5
+    assert torch.equal(seen["ref"], seen["copy"])

@@ -16,8 +16,10 @@ Activations are kept in channels_last from the stem on: no hidden layout copies.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import Counter
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,22 @@ from .. import fold
 CALLS: Counter = Counter()
 
 _CL = torch.channels_last
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def residuals_reusable(enabled: bool) -> Iterator[None]:
+    """Inside, a residual may be overwritten by the conv that consumes it (its last use).
+
+    Only ResNet.forward enables this, for its own activations, when no hook can
+    observe them; a block called directly never overwrites its caller's tensor."""
+    previous = getattr(_local, "reuse", False)
+    _local.reuse = enabled
+    try:
+        yield
+    finally:
+        _local.reuse = previous
 
 
 def _is_plain_conv(conv: nn.Module) -> bool:
@@ -172,8 +190,12 @@ def _run_torch(x, conv, bn, residual, relu, dtype):
         attr = "relu" if relu else "none"
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, attr, [], "")
+        unary = attr if relu else None
+        if getattr(_local, "reuse", False):  # write into the residual: no new buffer, one less stream
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                residual, x, w, b, *args, "add", 1.0, unary, [None], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, w, b, *args, "add", 1.0, attr if relu else None, [], "")
+            x, residual, w, b, *args, "add", 1.0, unary, [], "")
     CALLS["torch"] += 1
     w, b = _folded(conv, bn, x.device, dtype)
     out = F.conv2d(x, w, b.to(dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
