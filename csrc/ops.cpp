@@ -51,18 +51,6 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("_build_info() -> str", &build_info);
 }
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  using K = CpuKernels;
-  m.impl("add_relu", &impl::add_relu<K>);
-  m.impl("add_relu_out", &impl::add_relu_out<K>);
-  m.impl("add_relu_", &impl::add_relu_<K>);
-  m.impl("add_relu_backward", &impl::add_relu_backward<K>);
-  m.impl("scale_bias_act", &impl::scale_bias_act<K>);
-  m.impl("scale_bias_act_out", &impl::scale_bias_act_out<K>);
-  m.impl("scale_bias_act_", &impl::scale_bias_act_<K>);
-  m.impl("bn_act_fwd", &impl::bn_act_fwd<K>);
-  m.impl("bn_act_bwd", &impl::bn_act_bwd<K>);
-  m.impl("bn_update_stats_", &impl::bn_update_stats_<K>);
-}
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { impl::register_impls<CpuKernels>(m); }
 
 }  // namespace resnet_fast

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -287,6 +288,21 @@ void bn_update_stats_(const at::Tensor& running_mean, const at::Tensor& running_
     running_mean.copy_(rm);
     running_var.copy_(rv);
   }
+}
+
+// One op table, registered by ops.cpp (CPU) and cuda/ops.cu (CUDA) over their kernel class.
+template <class K>
+void register_impls(torch::Library& m) {
+  m.impl("add_relu", &add_relu<K>);
+  m.impl("add_relu_out", &add_relu_out<K>);
+  m.impl("add_relu_", &add_relu_<K>);
+  m.impl("add_relu_backward", &add_relu_backward<K>);
+  m.impl("scale_bias_act", &scale_bias_act<K>);
+  m.impl("scale_bias_act_out", &scale_bias_act_out<K>);
+  m.impl("scale_bias_act_", &scale_bias_act_<K>);
+  m.impl("bn_act_fwd", &bn_act_fwd<K>);
+  m.impl("bn_act_bwd", &bn_act_bwd<K>);
+  m.impl("bn_update_stats_", &bn_update_stats_<K>);
 }
 
 }  // namespace impl
