@@ -1,4 +1,4 @@
-"""Compile the Triton BN/add_relu kernels for real GPU targets without a GPU.
+"""Compile the Triton kernels (BN, add_relu, conv, pools) for real GPU targets without a GPU.
 
     TRITON_INTERPRET=0 python tests/triton_sm_compile.py 80 90
 
@@ -17,10 +17,31 @@ from triton.compiler import ASTSource
 
 from resnet_fast.ops import triton_add_relu as A
 from resnet_fast.ops import triton_bn_act as T
+from resnet_fast.ops import triton_conv as C
+from resnet_fast.ops import triton_pool as P
+
+
+def conv_variants(capability: int):
+    """The fused conv in each mode (gemm, implicit, flat) with the largest tile config of the
+    architecture: bf16, plus fp32 with TF32 dot on the implicit path."""
+    kernel = C._conv_bias_act_fwd_kernel.fn
+    config = (C._HOPPER_CONFIGS if capability >= 90 else C._AMPERE_CONFIGS)[0]
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    for dt, precision, modes in (("bf16", "ieee", C._MODES.values()), ("fp32", "tf32", (C._MODES["implicit"],))):
+        for mode in modes:
+            constexprs = dict(KH=3, KW=3, MODE=mode, HAS_RES=True, RELU=True, DOT_PRECISION=precision,
+                              UPCAST_DOT=False, **config.kwargs)
+            sig = {n: "*fp32" if n == "b_ptr" else f"*{dt}" if n.endswith("_ptr") else "i32"
+                   for n in kernel.arg_names if n not in constexprs}
+            yield kernel, sig, constexprs, options
+    for kernel in (P._max_pool_3x3s2_fwd_kernel, P._avg_pool_2x2_ceil_fwd_kernel, P._global_avg_pool_fwd_kernel):
+        constexprs = {n: 32 for n in kernel.arg_names if n.startswith("BLOCK")}
+        sig = {n: "*bf16" if n.endswith("_ptr") else "i32" for n in kernel.arg_names if n not in constexprs}
+        yield kernel, sig, constexprs, {}
 
 
 def variants():
-    """(kernel, signature, constexprs) for each specialization the launchers produce."""
+    """(kernel, signature, constexprs) for each specialization the BN/add_relu launchers produce."""
     for dt in ("fp16", "bf16", "fp32"):
         p = f"*{dt}"
         for channels_last in (False, True):
@@ -52,14 +73,14 @@ def variants():
 
 def compile_all(capability: int) -> int:
     n = 0
-    for kernel, sig, constexprs in variants():
+    for kernel, sig, constexprs, options in [(*v, {}) for v in variants()] + list(conv_variants(capability)):
         names = kernel.arg_names
         full = {name: sig.get(name, "constexpr") for name in names}
         missing = [name for name in names if name not in sig and name not in constexprs]
         assert not missing, f"{kernel.fn.__name__}: no type for {missing}"
         consts = {(names.index(k),): v for k, v in constexprs.items()}
         triton.compile(ASTSource(fn=kernel, signature=full, constexprs=consts),
-                       target=GPUTarget("cuda", capability, 32))
+                       target=GPUTarget("cuda", capability, 32), options=options)
         n += 1
     return n
 

@@ -29,17 +29,28 @@ def _block_c(c: int) -> int:
 
 
 @triton.jit
-def _max_pool_3x3s2_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
-                               stride_xn, stride_xc, stride_xh, stride_xw,
-                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _window_tile(x_ptr, P, C, HO, WO, stride_xn, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a windowed pool: BLOCK_P output pixels x BLOCK_C channels."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = offs_p < P
-    c_ok = offs_c < C
     n = (offs_p // (HO * WO)).to(tl.int64)
     ho = (offs_p % (HO * WO)) // WO
     wo = offs_p % WO
-    x_rows = x_ptr + n * stride_xn
+    return offs_p, offs_c, offs_p < P, offs_c < C, ho, wo, x_ptr + n * stride_xn
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, offs_p, offs_c, p_ok, c_ok, C):
+    # Output is NHWC-dense: pixel-major rows of C channels.
+    out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _max_pool_3x3s2_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
+                               stride_xn, stride_xc, stride_xh, stride_xw,
+                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_p, offs_c, p_ok, c_ok, ho, wo, x_rows = _window_tile(x_ptr, P, C, HO, WO, stride_xn, BLOCK_P, BLOCK_C)
     acc = tl.full((BLOCK_P, BLOCK_C), float("-inf"), dtype=tl.float32)
     for kh in tl.static_range(3):
         for kw in tl.static_range(3):
@@ -49,22 +60,14 @@ def _max_pool_3x3s2_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
             ptrs = x_rows[:, None] + (hi * stride_xh + wi * stride_xw)[:, None] + offs_c[None, :] * stride_xc
             v = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=float("-inf"))
             acc = tl.maximum(acc, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
-    out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    _store_tile(out_ptr, acc, offs_p, offs_c, p_ok, c_ok, C)
 
 
 @triton.jit
 def _avg_pool_2x2_ceil_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
                                   stride_xn, stride_xc, stride_xh, stride_xw,
                                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = offs_p < P
-    c_ok = offs_c < C
-    n = (offs_p // (HO * WO)).to(tl.int64)
-    ho = (offs_p % (HO * WO)) // WO
-    wo = offs_p % WO
-    x_rows = x_ptr + n * stride_xn
+    offs_p, offs_c, p_ok, c_ok, ho, wo, x_rows = _window_tile(x_ptr, P, C, HO, WO, stride_xn, BLOCK_P, BLOCK_C)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(2):
         for kw in tl.static_range(2):
@@ -76,8 +79,7 @@ def _avg_pool_2x2_ceil_fwd_kernel(x_ptr, out_ptr, P, C, H, W, HO, WO,
     # ceil_mode windows hang off the bottom/right edge; count only the real pixels.
     count = (tl.minimum(ho * 2 + 2, H) - ho * 2) * (tl.minimum(wo * 2 + 2, W) - wo * 2)
     acc = acc / count.to(tl.float32)[:, None]
-    out_ptrs = out_ptr + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    _store_tile(out_ptr, acc, offs_p, offs_c, p_ok, c_ok, C)
 
 
 @triton.jit
