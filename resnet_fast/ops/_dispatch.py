@@ -13,13 +13,15 @@ import torch
 from .. import backend as _backend
 
 # "auto", per device type and op: first usable wins.
-#   cpu:  measured with benchmarks/bench_ops.py on a shared 2-core VM:
-#         benchmarks/results/ops_cpu_2026-11-27{,_1thread,_add_relu_2thread_rerun}.json.
-#         The extension beat eager torch on bn_act (fwd: 8/8 shapes in both runs, median
-#         2-9x; fwd+bwd: 13/16) and scale_bias_act (16/16). add_relu had no steady winner
-#         (ext 8/8 on 1 thread; eager ahead on 2 threads except where contention stalled
-#         its two parallel regions), so it stays on torch. The Triton interpreter is
-#         never a choice.
+#   cpu:  measured with benchmarks/bench_ops.py on a 2-core VM. The quiet-machine run at a
+#         clean commit, benchmarks/results/ops_cpu_2026-11-27_at_3c6ddfe.json (2 threads):
+#         scale_bias_act: ext beats eager 8/8 (1.5-2x); bn_act forward: ext beats eager 6/8
+#         (fp32 2-2.8x, bf16 about even); bn_act forward+backward (what training runs):
+#         ext wins 4/8 (fp32 NCHW up to 1.6x), eager ahead on most bf16 shapes: mixed, ext
+#         kept as the fp32 winner; add_relu: eager ahead 8/8, so it stays on torch. (The
+#         earlier ops_cpu_2026-11-27{,_1thread,_add_relu_2thread_rerun}.json ran under heavy
+#         load on the uncommitted extension; their "commit" field predates it.) The Triton
+#         interpreter is never a choice.
 #   cuda: NOT MEASURED YET (no GPU in the session that wrote this). The extension
 #         is the default; a GPU session runs `python benchmarks/bench_ops.py
 #         --device cuda` and reorders these rows to what it measures.
