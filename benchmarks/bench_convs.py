@@ -14,9 +14,7 @@ Results go to benchmarks/results/convs_<device>_<time>.json.
 import argparse
 import datetime
 import json
-import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,22 +122,14 @@ def bench_conv(spec, batch, dtype, use_compile, do_bench, warmup, rep, device="c
     return result
 
 
-def git_commit():
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_convs needs a CUDA GPU (the Triton kernels are timed on the device)")
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-    import triton
     from triton.testing import do_bench
+
+    from resnet_fast import envinfo
 
     dtype = DTYPES[args.dtype]
     specs = resnet50_convs(args.batch, args.resolution)
@@ -163,14 +153,12 @@ def main(argv=None):
     totals = {label: sum(r["ms"][label] * r["count"] for r in results) for label in results[0]["ms"]}
     print("all ResNet-50 convs, weighted by count: "
           + "  ".join(f"{label} {ms:.2f}ms" for label, ms in totals.items()))
+    env = envinfo.collect("cuda")
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
+        **env,
         "capability": list(torch.cuda.get_device_capability()),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()},
-        "commit": git_commit(),
         "config": {k: str(v) for k, v in vars(args).items()},
         "bf16_matmul_tflops": peak,
         "total_ms_weighted": totals,
@@ -178,7 +166,7 @@ def main(argv=None):
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    device = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
+    device = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-")
     path = args.out / f"convs_{device}_{stamp}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import resnet_fast  # noqa: E402
 from resnet_fast import envinfo  # noqa: E402
+from resnet_fast.bench.timing import Spread, Timer, interleaved, spread  # noqa: E402
 from resnet_fast.ops import _dispatch  # noqa: E402
 from resnet_fast.ops.bn_act import add_relu, bn_act, scale_bias_act  # noqa: E402
 
@@ -68,38 +67,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fns: dict, device, rounds: int, min_time: float) -> dict:
-    """(median, min) seconds per call of each fn; contenders interleaved round by round."""
-    reps = {}
-    for name, fn in fns.items():  # warm up and size the batch of calls per sample
-        fn()
-        sync(device)
-        n, t = 1, 0.0
-        while True:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync(device)
-            t = time.perf_counter() - t0
-            if t >= min_time or n >= 1 << 14:
-                break
+def time_calls(fns: dict, device, rounds: int, min_time: float) -> dict[str, Spread]:
+    """Seconds per call of each fn; contenders interleaved round by round. One op call is too short
+    to time alone, so a sample is n back-to-back calls, n doubled until a sample lasts min_time."""
+    timer = Timer(device)
+    samples, calls = {}, {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        n = 1
+        while n < 1 << 14 and timer(_repeat(fn, n)) < min_time:
             n *= 2
-        reps[name] = n
-    samples = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fns[name]()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / reps[name])
-    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+        samples[name], calls[name] = _repeat(fn, n), n
+    times = interleaved(samples, rounds, timer)
+    return {name: spread([t / calls[name] for t in ts]) for name, ts in times.items()}
+
+
+def _repeat(fn, n: int):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
 
 
 def copy_bandwidth(device, rounds, min_time) -> float:
@@ -107,7 +94,7 @@ def copy_bandwidth(device, rounds, min_time) -> float:
     n = (256 if device.type == "cuda" else 64) * 2**20 // 4
     x = torch.empty(n, device=device, dtype=torch.float32).uniform_()
     y = torch.empty_like(x)
-    t = time_calls({"copy": lambda: y.copy_(x)}, device, rounds, min_time)["copy"][1]
+    t = time_calls({"copy": lambda: y.copy_(x)}, device, rounds, min_time)["copy"].min
     return 2 * x.numel() * 4 / t / 1e9
 
 
@@ -194,13 +181,13 @@ def main(argv=None):
                     times = time_calls(fns, device, args.rounds, args.min_time)
                     nbytes = TRAFFIC[op] * x.numel() * x.element_size()
                     row = {"op": op, "shape": list(shape), "dtype": dname, "layout": lname}
-                    for name, (median, fastest) in times.items():
-                        gbps = nbytes / median / 1e9
-                        results.append({**row, "contender": name, "ms": median * 1e3, "ms_min": fastest * 1e3,
+                    for name, t in times.items():
+                        gbps = nbytes / t.median / 1e9
+                        results.append({**row, "contender": name, "ms": t.median * 1e3, "ms_min": t.min * 1e3,
                                         "GBps": gbps, "of_copy": gbps / copy_gbps})
-                    best = min(times, key=lambda n: times[n][0])
+                    best = min(times, key=lambda n: times[n].median)
                     print(f"{op:15s} {'x'.join(map(str, shape)):>15s} {dname} {lname}  " +
-                          "  ".join(f"{n} {t[0] * 1e3:.3f}ms" for n, t in times.items()) + f"  best: {best}",
+                          "  ".join(f"{n} {t.median * 1e3:.3f}ms" for n, t in times.items()) + f"  best: {best}",
                           file=sys.stderr)
     record = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),

@@ -22,9 +22,7 @@ import argparse
 import datetime
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from resnet_fast import envinfo  # noqa: E402
+from resnet_fast.bench.timing import measure  # noqa: E402
 
 PUBLISHED_GFLOP = {"resnet50": 8.22}  # forward, per 224x224 image
 TRAIN_FLOP_FACTOR = 3.0
@@ -52,30 +51,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def median_seconds(fn, device: torch.device, reps: int) -> float:
-    """Median wall time of fn() after two warm-up calls (CUDA events on CUDA)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_copy(device: torch.device, nbytes: int, reps: int) -> dict:
     src = torch.empty(nbytes // BF16_BYTES, dtype=torch.bfloat16, device=device).uniform_()
     dst = torch.empty_like(src)
-    seconds = median_seconds(lambda: dst.copy_(src), device, reps)
+    seconds = measure(lambda: dst.copy_(src), device, reps).median
     moved = 2 * src.numel() * BF16_BYTES  # read + write
     return {"bytes_moved": moved, "ms": seconds * 1e3, "GBps": moved / seconds / 1e9}
 
@@ -83,7 +62,7 @@ def measure_copy(device: torch.device, nbytes: int, reps: int) -> dict:
 def measure_matmul(device: torch.device, n: int, reps: int) -> dict:
     a = torch.randn(n, n, device=device).to(torch.bfloat16)
     b = torch.randn(n, n, device=device).to(torch.bfloat16)
-    seconds = median_seconds(lambda: a @ b, device, reps)
+    seconds = measure(lambda: a @ b, device, reps).median
     return {"n": n, "dtype": "bf16", "ms": seconds * 1e3, "TFLOPs": 2 * n ** 3 / seconds / 1e12}
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast import _bench_contenders, _bench_timing, bench, cli, envinfo
+from resnet_fast import bench, cli, envinfo
+from resnet_fast.bench import cli as bench_cli, contenders, timing
 from resnet_fast.ops import conv_bn
 
 REQUIRED = ("arch", "mode", "dtype", "batch_size", "img_size", "device", "impl", "img_per_s", "p20", "p80",
@@ -23,7 +24,7 @@ TINY = ["--arch", "resnet18", "-b", "2", "--img-size", "32", "--iters", "3", "--
 def step_counts(monkeypatch):
     """How often each contender's step ran: proves every contender was really called."""
     counts = {}
-    build = _bench_contenders.build
+    build = contenders.build
 
     def counting_build(impl, *args):
         contender = build(impl, *args)
@@ -34,7 +35,7 @@ def step_counts(monkeypatch):
             return step()
         contender.step = counted
         return contender
-    monkeypatch.setattr(bench, "build", counting_build)
+    monkeypatch.setattr(bench_cli, "build", counting_build)
     return counts
 
 
@@ -126,7 +127,7 @@ def test_resnet_d_compares_against_torch_backend(tmp_path):
 
 
 def test_refuses_to_overwrite_before_running(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_bench", lambda *a: pytest.fail("benchmark ran despite the existing file"))
+    monkeypatch.setattr(bench_cli, "_bench", lambda *a: pytest.fail("benchmark ran despite the existing file"))
     for flag in ("--json", "--csv"):
         path = tmp_path / f"old.{flag[2:]}"
         path.write_text("keep me")
@@ -157,20 +158,20 @@ def test_overwrite_replaces(tmp_path):
     (["--device", "tpu"], "--device 'tpu'"),
 ])
 def test_bad_flags_give_clear_errors(flags, message, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "_bench", lambda *a: pytest.fail("benchmark ran despite a bad flag"))
+    monkeypatch.setattr(bench_cli, "_bench", lambda *a: pytest.fail("benchmark ran despite a bad flag"))
     assert _run(*flags) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_failed_contender_is_reported(tmp_path, capsys, monkeypatch):
-    build = _bench_contenders.build
+    build = contenders.build
 
     def failing(impl, *args):
         if impl == "torchvision_channels_last":
             raise RuntimeError("boom")
         return build(impl, *args)
-    monkeypatch.setattr(bench, "build", failing)
+    monkeypatch.setattr(bench_cli, "build", failing)
     path = tmp_path / "r.json"
     assert _run("--impls", "resnet_fast,torchvision_channels_last", "--json", str(path)) == 1
     records = {r["impl"]: r for r in json.loads(path.read_text())}
@@ -183,8 +184,8 @@ def test_failed_contender_is_reported(tmp_path, capsys, monkeypatch):
 def test_rounds_are_interleaved_with_rotating_order():
     order = []
     steps = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    progress = _bench_timing.Progress(9)
-    times = _bench_timing.interleaved(steps, 3, _bench_timing.Timer(torch.device("cpu")), progress)
+    progress = timing.Progress(9)
+    times = timing.interleaved(steps, 3, timing.Timer(torch.device("cpu")), progress)
     progress.close()
     assert order == list("abc" "bca" "cab")
     assert all(len(t) == 3 and min(t) > 0 for t in times.values())
@@ -192,24 +193,24 @@ def test_rounds_are_interleaved_with_rotating_order():
 
 def test_time_limit_stops_after_min_rounds():
     steps = {name: (lambda: None) for name in "ab"}
-    progress = _bench_timing.Progress(2 * 10)
-    times = _bench_timing.interleaved(steps, 10, _bench_timing.Timer(torch.device("cpu")), progress, max_time=1e-9)
+    progress = timing.Progress(2 * 10)
+    times = timing.interleaved(steps, 10, timing.Timer(torch.device("cpu")), progress, max_time=1e-9)
     progress.close()
-    assert {len(t) for t in times.values()} == {_bench_timing.MIN_ROUNDS}
+    assert {len(t) for t in times.values()} == {timing.MIN_ROUNDS}
 
 
 def test_cpu_default_is_time_limited_unless_iters_given():
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    default = bench.plan(parser.parse_args(["--device", "cpu"]))
+    default = bench_cli.plan(parser.parse_args(["--device", "cpu"]))
     assert (default.max_time, default.iters, default.runs[0][0].batch_size) == (45.0, 20, 8)
-    assert bench.plan(parser.parse_args(["--device", "cpu", "--iters", "5"])).max_time is None
-    assert bench.plan(parser.parse_args(["--device", "cpu", "--iters", "5", "--max-time", "9"])).max_time == 9
+    assert bench_cli.plan(parser.parse_args(["--device", "cpu", "--iters", "5"])).max_time is None
+    assert bench_cli.plan(parser.parse_args(["--device", "cpu", "--iters", "5", "--max-time", "9"])).max_time == 9
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
-    progress = _bench_timing.Progress(2, "x")
+    progress = timing.Progress(2, "x")
     progress.update()
     progress.set_description("timing")
     progress.update()
@@ -219,12 +220,21 @@ def test_progress_without_tqdm(monkeypatch, capsys):
 
 def test_throughput_percentiles():
     seconds = [0.5, 0.25, 1.0, 0.2, 0.4]  # img/s at batch 2: 4, 8, 2, 10, 5
-    stats = _bench_timing.throughput(seconds, 2)
+    stats = timing.throughput(seconds, 2)
     rates = torch.tensor([4.0, 8, 2, 10, 5], dtype=torch.float64)
     assert stats["img_per_s"] == pytest.approx(5.0)
     assert stats["p20"] == pytest.approx(torch.quantile(rates, 0.2).item())
     assert stats["p80"] == pytest.approx(torch.quantile(rates, 0.8).item())
-    assert _bench_timing.percentile([3.0], 20) == 3.0
+    assert timing.percentile([3.0], 20) == 3.0
+
+
+def test_measure_warms_up_then_times_each_call():
+    # the clock of benchmarks/ceilings.py and bench_ops.py
+    calls = []
+    stats = timing.measure(lambda: calls.append(None), torch.device("cpu"), reps=5, warmup=2)
+    assert len(calls) == 2 + 5
+    assert 0 < stats.min <= stats.p20 <= stats.median <= stats.p80
+    assert timing.spread([4.0, 1, 3, 2, 5]) == pytest.approx((3.0, 1.8, 4.2, 1.0))
 
 
 def test_envinfo_collect():

@@ -1,4 +1,4 @@
-"""Timing for `resnet-fast bench`: one call at a time, contenders interleaved.
+"""Timing for `resnet-fast bench` and the benchmarks/ scripts: one call at a time, contenders interleaved.
 
 Round-robin with a rotating start: every timed round runs each contender once,
 so slow drift of the machine (clocks, other processes, thermal) hits all of
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -96,21 +96,23 @@ class Timer:
 MIN_ROUNDS = 3  # a time limit never cuts timing shorter than this
 
 
-def interleaved(steps: dict[str, Callable[[], object]], rounds: int, timer: Timer, progress: Progress,
-                max_time: Optional[float] = None) -> dict[str, list[float]]:
-    """Up to `rounds` rounds; round r runs every step once, starting from the r-th (mod len).
-    With max_time, no new round starts after that many seconds (past the first MIN_ROUNDS)."""
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int, timer: Timer,
+                progress: Optional[Progress] = None, max_time: Optional[float] = None) -> dict[str, list[float]]:
+    """Seconds of each call: up to `rounds` rounds; round r runs every step once, starting from the r-th
+    (mod len). With max_time, no new round starts after that many seconds (past the first MIN_ROUNDS)."""
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     start = time.perf_counter()
     for r in range(rounds):
         if max_time is not None and r >= MIN_ROUNDS and time.perf_counter() - start >= max_time:
-            progress.shrink(len(names) * (rounds - r))
+            if progress is not None:
+                progress.shrink(len(names) * (rounds - r))
             break
         k = r % len(names)
         for name in names[k:] + names[:k]:
             times[name].append(timer(steps[name]))
-            progress.update()
+            if progress is not None:
+                progress.update()
     return times
 
 
@@ -123,8 +125,28 @@ def percentile(values: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+class Spread(NamedTuple):
+    median: float
+    p20: float
+    p80: float
+    min: float
+
+
+def spread(values: list[float]) -> Spread:
+    """Median, p20, p80 and minimum of repeated measurements."""
+    return Spread(percentile(values, 50), percentile(values, 20), percentile(values, 80), min(values))
+
+
+def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 2) -> Spread:
+    """Seconds one call of fn takes: `warmup` untimed calls (compilation, caches), then `reps` timed ones."""
+    for _ in range(warmup):
+        fn()
+    return spread(interleaved({"fn": fn}, reps, Timer(device))["fn"])
+
+
 def throughput(seconds: list[float], batch_size: int) -> dict[str, float]:
     """img/s: median, and p20/p80 of the per-iteration throughput (p20 = the slower end)."""
-    rates = [batch_size / s for s in seconds]
-    return {"img_per_s": percentile(rates, 50), "p20": percentile(rates, 20), "p80": percentile(rates, 80),
+    # Percentiles of the rates, not rates of the time percentiles: interpolation does not commute with 1/x.
+    rates = spread([batch_size / s for s in seconds])
+    return {"img_per_s": rates.median, "p20": rates.p20, "p80": rates.p80,
             "ms_per_iter": percentile(seconds, 50) * 1e3}

@@ -7,7 +7,7 @@ import os
 import shlex
 from typing import Iterable, Optional
 
-from ._bench_contenders import COMPILE, EAGER, EAGER_CL, RESNET_FAST, RF_TORCH, TORCHSCRIPT
+from .contenders import COMPILE, EAGER, EAGER_CL, RESNET_FAST, RF_TORCH, TORCHSCRIPT
 
 # Required record fields first, in this order, in the CSV too.
 FIELDS = ("arch", "mode", "dtype", "batch_size", "img_size", "device", "impl", "img_per_s", "p20", "p80",

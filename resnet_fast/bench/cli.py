@@ -25,11 +25,11 @@ import torch
 
 import resnet_fast
 
-from . import envinfo
-from ._bench_contenders import (COMPILE, ERROR_CALLS, IMPLS, Spec, base_model, build, default_impls,
-                                describe_reference, errors, inputs, reference, unsupported)
-from ._bench_report import check_writable, table, write_csv, write_json
-from ._bench_timing import MIN_ROUNDS, Progress, Timer, interleaved, throughput
+from .. import envinfo
+from .contenders import (COMPILE, ERROR_CALLS, IMPLS, Spec, base_model, build, default_impls, describe_reference,
+                         errors, inputs, reference, unsupported)
+from .report import check_writable, table, write_csv, write_json
+from .timing import MIN_ROUNDS, Progress, Timer, interleaved, throughput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("infer", "train")
@@ -295,7 +295,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args, None if argv is None else ["resnet-fast", "bench", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
