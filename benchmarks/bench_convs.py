@@ -78,7 +78,7 @@ def measure_matmul_tflops(dtype, do_bench):
 
 
 def bench_conv(spec, batch, dtype, use_compile, do_bench, warmup, rep, device="cuda"):
-    from resnet_fast.ops.triton_conv import conv_bias_act
+    from resnet_fast.ops.triton.conv import conv_bias_act
 
     cin, cout, k, s, p = spec["cin"], spec["cout"], spec["k"], spec["stride"], spec["padding"]
     cl = torch.channels_last

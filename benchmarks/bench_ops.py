@@ -18,7 +18,7 @@ take turns (the minimum is recorded too: on a shared machine it is the
 steadier number). Results: benchmarks/results/ops_<device>_<date>.json.
 
     python benchmarks/bench_ops.py --device cpu
-    python benchmarks/bench_ops.py --device cuda        # then retune resnet_fast/ops/_dispatch.py
+    python benchmarks/bench_ops.py --device cuda        # then retune resnet_fast/ops/dispatch.py
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import resnet_fast  # noqa: E402
 from resnet_fast import envinfo  # noqa: E402
 from resnet_fast.bench.timing import Spread, Timer, interleaved, spread  # noqa: E402
-from resnet_fast.ops import _dispatch  # noqa: E402
+from resnet_fast.ops import dispatch  # noqa: E402
 from resnet_fast.ops.bn_act import add_relu, bn_act, scale_bias_act  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -163,7 +163,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or DEFAULT_SHAPES[device.type])]
     dtypes = args.dtypes or DEFAULT_DTYPES[device.type]
-    backends = [b for b in ("ext", "triton") if _dispatch.usable(b, device, torch.float32)
+    backends = [b for b in ("ext", "triton") if dispatch.usable(b, device, torch.float32)
                 and (b != "triton" or device.type == "cuda")]
     copy_gbps = copy_bandwidth(device, args.rounds, args.min_time)
     print(f"{envinfo.device_name(device)}: copy bandwidth {copy_gbps:.1f} GB/s; contenders: eager"
@@ -195,7 +195,7 @@ def main(argv=None):
         "env": envinfo.collect(device),
         "copy_GBps": copy_gbps,
         "traffic_elements_per_op": TRAFFIC,
-        "auto_preference": _dispatch.AUTO_PREFERENCE.get(device.type),
+        "auto_preference": {op: routes["auto"].get(device.type) for op, routes in dispatch.ROUTES.items()},
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -130,9 +130,9 @@ step_build() {
   tb python -m resnet_fast info
   tb python -c "
 import torch
-from resnet_fast.ops import _ext
-ok = _ext.available(torch.device('cuda'))
-print('extension CUDA kernels usable here:', ok, '-', _ext.status()[1])
+from resnet_fast.ops import ext
+ok = ext.available(torch.device('cuda'))
+print('extension CUDA kernels usable here:', ok, '-', ext.status()[1])
 raise SystemExit(0 if ok else 1)"
 }
 

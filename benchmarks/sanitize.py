@@ -89,9 +89,9 @@ def _bn_reference(x, w, b, r, eps, relu):
 def run_ext(device) -> list[str]:
     import torch
 
-    from resnet_fast.ops import _ext
-    ok, why = _ext.status()
-    if not ok or not _ext.available(device):
+    from resnet_fast.ops import ext
+    ok, why = ext.status()
+    if not ok or not ext.available(device):
         raise SystemExit(f"sanitize: the extension cannot run on {device}: {why}")
     ops = torch.ops.resnet_fast
     ran = set()
@@ -159,7 +159,8 @@ def run_triton(device) -> list[str]:
     import torch
     import torch.nn.functional as F
 
-    from resnet_fast.ops import triton_add_relu, triton_bn_act, triton_conv, triton_pool  # noqa: F401  registers
+    from resnet_fast.ops import triton  # noqa: F401  registers the Triton ops
+    from resnet_fast.ops.triton._common import LAUNCHES
     ops = torch.ops.resnet_fast  # the registered ops: stable names, whatever the Python helpers are called
     cl = torch.channels_last
     for dtype in (torch.float32, torch.bfloat16):
@@ -203,7 +204,7 @@ def run_triton(device) -> list[str]:
             _close(added, (x.double() + r.double()).relu(), "triton add_relu", tol)
             _close(ops.triton_add_relu_backward(g, added), g.double() * (added.double() > 0),
                    "triton add_relu_backward", tol)
-    launched = dict(triton_conv.LAUNCHES) | dict(triton_add_relu.LAUNCHES)
+    launched = dict(LAUNCHES)
     for kernel in ("conv_bias_act.gemm", "conv_bias_act.implicit", "conv_bias_act.flat", "max_pool_3x3s2",
                    "avg_pool_2x2_ceil", "global_avg_pool", "bn_sums", "bn_stats_finalize", "scale_bias_act",
                    "bn_grad_finalize", "bn_bwd_elementwise", "bn_update_stats", "add_relu_fwd", "add_relu_bwd"):

@@ -7,14 +7,12 @@ from typing import Optional, Sequence
 
 
 def _info(args: argparse.Namespace) -> int:
-    from . import availability, get_backend
     from .envinfo import collect
+    from .ops import dispatch
 
     for key, value in collect().items():
         print(f"{key:>12}: {value}")
-    print(f"{'backend':>12}: {get_backend()} (set with resnet_fast.use_backend or RESNET_FAST_BACKEND)")
-    for name, (ok, why) in availability().items():
-        print(f"{name:>12}: {'available' if ok else 'unavailable'} - {why}")
+    print("\n".join(dispatch.explain()))
     return 0
 
 

@@ -99,3 +99,11 @@ def cached(conv: nn.Module, bn: nn.Module, variant: tuple, build: Callable[[], t
 def clear() -> None:
     """Drop every cached fold (they are rebuilt on demand)."""
     _CACHE.clear()
+
+
+def folded(conv: nn.Conv2d, bn: nn.Module, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The cached fold: weight in `dtype`, channels_last; bias fp32 (or wider)."""
+    def build():
+        w, b = fold_conv_bn(conv, bn)
+        return w.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last), b.to(device)
+    return cached(conv, bn, ("folded", device, dtype), build)

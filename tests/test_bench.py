@@ -12,7 +12,7 @@ import torch
 import resnet_fast
 from resnet_fast import bench, cli, envinfo
 from resnet_fast.bench import cli as bench_cli, contenders, timing
-from resnet_fast.ops import conv_bn
+from resnet_fast.ops import dispatch
 
 REQUIRED = ("arch", "mode", "dtype", "batch_size", "img_size", "device", "impl", "img_per_s", "p20", "p80",
             "max_abs_err", "max_rel_err", "speedup_vs", "warmup_s", "commit", "torch", "triton", "cuda",
@@ -48,14 +48,14 @@ def test_tiny_run_writes_json_csv_and_table(tmp_path, capsys, step_counts, monke
     json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
     argv = ["resnet-fast", "bench", *TINY, "--json", str(json_path), "--csv", str(csv_path)]
     monkeypatch.setattr(sys, "argv", argv)
-    calls_before = sum(conv_bn.CALLS.values())
+    calls_before = sum(dispatch.CALLS.values())
     assert cli.main() == 0
 
     records = json.loads(json_path.read_text())
     impls = [r["impl"] for r in records]
     assert impls == ["resnet_fast", "torchvision_eager", "torchvision_channels_last", "torchscript_frozen"]
     assert step_counts == dict.fromkeys(impls, 1 + 3)  # warm-up + timed rounds, each contender
-    assert sum(conv_bn.CALLS.values()) > calls_before  # the resnet_fast contender ran resnet_fast's ops
+    assert sum(dispatch.CALLS.values()) > calls_before  # the resnet_fast contender ran resnet_fast's ops
     for r in records:
         assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
         assert (r["arch"], r["mode"], r["dtype"], r["batch_size"], r["img_size"]) == ("resnet18", "infer", "fp32", 2, 32)
@@ -103,12 +103,12 @@ def test_error_column_catches_a_wrong_model(monkeypatch, tmp_path):
 
 def test_train_mode_loss_matches_reference(tmp_path, step_counts):
     path = tmp_path / "r.json"
-    before = conv_bn.CALLS["train_bn_act"]
+    before = sum(n for (op, _), n in dispatch.CALLS.items() if op == "bn_act")
     # 64 px, not 32: BN over 2 samples x 1x1 pixels in layer4 is so ill-conditioned that even
     # fp32 eager's loss after one SGD step drifts 0.2 from fp64's
     assert _run("--mode", "train", "--impls", "resnet_fast,torchvision_eager", "--img-size", "64",
                 "--warmup", "2", "--iters", "2", "--json", str(path)) == 0
-    assert conv_bn.CALLS["train_bn_act"] > before  # resnet_fast's fused training op ran
+    assert sum(n for (op, _), n in dispatch.CALLS.items() if op == "bn_act") > before  # resnet_fast's fused training op ran
     assert step_counts == {"resnet_fast": 4, "torchvision_eager": 4}
     for r in json.loads(path.read_text()):
         assert r["mode"] == "train" and r["img_per_s"] > 0

@@ -6,7 +6,6 @@
 - torch.compile(fullgraph=True) of an eval model under inference_mode;
 - CUDA-graph capture and replay of the eval forward;
 - one training step under bf16 autocast (fused BN ops) vs torchvision;
-- torch.library.opcheck of every Triton op on CUDA tensors.
 
 The 2x rule: |ours - ref| <= 2 * |eager - ref| + FLOOR * |ref|, where eager is
 PyTorch in the same precision (torchvision, or resnet_fast's "torch" backend for
@@ -35,14 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast
+from _numerics import assert_2x, fp32_precision
 from resnet_fast.models import ARCHS, RESNET_D_ARCHS, TORCHVISION_ARCHS
+from resnet_fast.ops import dispatch, ext
 
 pytestmark = pytest.mark.gpu
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 DTYPE_NAMES = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
-# Floors: a few roundings of the output dtype (relative to the reference's largest logit).
-FLOOR = {BF16: 2 ** -8, FP16: 2 ** -11, FP32: 1e-5}
 SIZE = 224
 
 TIERS = ("quick", "wide", "full")
@@ -74,42 +73,6 @@ def _eval_cases():
 
 
 # --- helpers ------------------------------------------------------------------
-
-@contextlib.contextmanager
-def no_tf32():
-    """Full fp32 matmuls and convs (the new fp32_precision API where torch has it:
-    mixing it with the legacy flags makes torch raise)."""
-    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        saved = conv.fp32_precision, matmul.fp32_precision
-        conv.fp32_precision = matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision, matmul.fp32_precision = saved
-    else:
-        saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
-
-
-def assert_2x(ours: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str,
-              norm: str = "max") -> None:
-    ref = ref.double()
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-
-    def size(t):
-        return (t.abs().max() if norm == "max" else t.norm()).item()
-
-    scale, err, eager_err = size(ref), size(ours.double() - ref), size(eager.double() - ref)
-    bound = 2 * eager_err + FLOOR[dtype] * scale
-    assert err <= bound, (f"{what}: {norm}-norm error {err:.3g} > 2 x eager's {eager_err:.3g} + floor "
-                          f"(|ref| {scale:.3g})")
-
 
 def make_model(arch: str, size: int, device, seed: int = 0) -> nn.Module:
     """fp32 model on `device`: torchvision's (resnet_fast's for ResNet-D), random BN affine with a
@@ -159,21 +122,25 @@ def conv_counts(model: nn.Module) -> tuple[int, int]:
     return sum(c.groups == 1 for c in convs), sum(c.groups != 1 for c in convs)
 
 
+def launches():
+    from resnet_fast.ops.triton._common import LAUNCHES
+    return LAUNCHES
+
+
 def reset_counters() -> None:
-    from resnet_fast.ops import _dispatch, conv_bn, triton_add_relu, triton_conv
-    for counter in (conv_bn.CALLS, triton_conv.LAUNCHES, triton_add_relu.LAUNCHES, _dispatch.CALLS):
-        counter.clear()
+    dispatch.CALLS.clear()
+    launches().clear()
 
 
 def assert_fused_eval_ran(model: nn.Module, arch: str, device) -> None:
     """Every conv went through a fused op, groups=1 convs through Triton kernel launches."""
-    from resnet_fast.ops import _ext, conv_bn, triton_conv
     plain, grouped = conv_counts(model)
-    calls, launched = dict(conv_bn.CALLS), triton_conv.LAUNCHES
-    expected = {"triton": plain}
-    if grouped:  # cuDNN conv + the extension's epilogue (counted under both names), else plain torch
-        paths = ("cudnn_ext", "ext") if _ext.available(torch.device(device)) else ("torch",)
-        expected.update(dict.fromkeys(paths, grouped))
+    calls = {key: n for key, n in dispatch.CALLS.items() if key[0].endswith("conv_bias_act")}
+    launched = launches()
+    expected = {("conv_bias_act", "triton"): plain}
+    if grouped:  # cuDNN conv + the extension's epilogue, else plain torch
+        impl = "ext" if ext.available(torch.device(device)) else "torch"
+        expected[("grouped_conv_bias_act", impl)] = grouped
     assert calls == expected, f"{arch}: conv paths {calls}, expected {expected}"
     convs_launched = sum(n for k, n in launched.items() if k.startswith("conv_bias_act."))
     assert convs_launched == plain + 1, f"{arch}: {convs_launched} conv kernel launches for {plain} convs + fc"
@@ -188,7 +155,7 @@ def check_eval(arch: str, dtype: torch.dtype, batch: int, backends=("auto", "tri
     base = make_model(arch, size, device).eval()
     x = images(batch, size, device)
     ref_dtype = torch.float64 if dtype == FP32 else torch.float32
-    with torch.inference_mode(), no_tf32(), eager_context(arch):
+    with torch.inference_mode(), fp32_precision("ieee", "ieee"), eager_context(arch):
         ref = copy.deepcopy(base).to(device, ref_dtype)(x.to(ref_dtype)).double()
     with torch.inference_mode(), eager_context(arch):
         eager = copy.deepcopy(base).to(device, dtype)(x.to(dtype))
@@ -212,13 +179,12 @@ def test_eval_matches_eager_2x_rule(arch, dtype, batch):
 # --- torch.compile and CUDA graphs ------------------------------------------------
 
 def test_compile_fullgraph_eval_matches_eager():
-    from resnet_fast.ops import triton_conv
     arch, dtype = "resnet18", BF16
     base = make_model(arch, SIZE, "cuda").eval()
     x = images(1, SIZE, "cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     fast = resnet_fast.from_torchvision(base).to("cuda", dtype, memory_format=torch.channels_last)
     with torch.inference_mode():
-        with no_tf32():
+        with fp32_precision("ieee", "ieee"):
             ref = copy.deepcopy(base)(x.float()).double()
         eager = copy.deepcopy(base).to("cuda", dtype)(x.contiguous())
         ours = fast(x)
@@ -227,7 +193,7 @@ def test_compile_fullgraph_eval_matches_eager():
         compiled(x)  # compiles
         reset_counters()
         got = compiled(x)
-    convs = sum(n for k, n in triton_conv.LAUNCHES.items() if k.startswith("conv_bias_act."))
+    convs = sum(n for k, n in launches().items() if k.startswith("conv_bias_act."))
     assert convs == conv_counts(fast)[0] + 1, "the compiled graph did not run the Triton conv op"
     assert_2x(ours, eager, ref, dtype, "eager resnet_fast")
     assert_2x(got, eager, ref, dtype, "compiled resnet_fast")
@@ -291,12 +257,11 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_train_step_bf16_autocast_matches_torchvision(backend):
-    from resnet_fast.ops import _dispatch
     arch, batch = "resnet50", 16
     base = make_model(arch, SIZE, "cuda")
     x = images(batch, SIZE, "cuda")
     y = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(2)).cuda()
-    with no_tf32():
+    with fp32_precision("ieee", "ieee"):
         ref = _train_step(copy.deepcopy(base), x, y, amp=False)
     eager = _train_step(copy.deepcopy(base), x, y, amp=True)
     fast = resnet_fast.from_torchvision(base).to(memory_format=torch.channels_last)
@@ -308,11 +273,11 @@ def test_train_step_bf16_autocast_matches_torchvision(backend):
     reset_counters()
     with resnet_fast.use_backend(backend):
         names = _cuda_kernel_names(step)
-    used = {b for (op, b) in _dispatch.CALLS if op == "bn_act"}
+    used = {b for (op, b) in dispatch.CALLS if op == "bn_act"}
     expected = backend
     if backend == "auto":
-        expected = next((b for b in _dispatch.AUTO_PREFERENCE["cuda"]["bn_act"]
-                         if _dispatch.usable(b, torch.device("cuda"), BF16)), "torch")
+        expected = next(b for b in dispatch.ROUTES["bn_act"]["auto"]["cuda"]
+                        if dispatch.usable(b, torch.device("cuda"), BF16))
         assert expected != "torch", "backend auto runs training BN unfused on CUDA"
     assert used == {expected}, f"bn_act ran on {used}, expected {expected}"
     kernel = "channel_sums" if expected == "ext" else "_bn_sums_kernel"
@@ -320,50 +285,3 @@ def test_train_step_bf16_autocast_matches_torchvision(backend):
     assert set(ours) == set(ref)
     for name in ref:
         assert_2x(ours[name], eager[name], ref[name], BF16, f"{backend}: {name}", norm="l2")
-
-
-# --- opcheck --------------------------------------------------------------------------
-
-def _triton_op_samples(device="cuda"):
-    from resnet_fast.ops import triton_bn_act, triton_pool  # noqa: F401  register the ops
-    ops = torch.ops.resnet_fast
-    cl = torch.channels_last
-
-    def t(*shape, fmt=cl):
-        x = torch.randn(*shape, device=device)
-        return (x.contiguous(memory_format=fmt) if len(shape) == 4 else x).requires_grad_()
-
-    x, r = t(2, 16, 9, 9), t(2, 16, 9, 9)
-    w, b = (torch.rand(16, device=device) + 0.5).requires_grad_(), t(16)
-    out, mean, var = ops.triton_bn_act_fwd(x, w, b, r, 1e-5, True)
-    nchw = t(2, 16, 9, 9, fmt=torch.contiguous_format)
-    return [
-        (ops.triton_conv_bias_act, (x, t(32, 16, 3, 3), t(32), t(2, 32, 5, 5), [2, 2], [1, 1], [1, 1], True)),
-        (ops.triton_conv_bias_act, (x, t(32, 16, 1, 1), t(32), None, [1, 1], [0, 0], [1, 1], False)),
-        (ops.triton_conv_bias_act, (t(2, 3, 9, 9), t(16, 3, 7, 7), t(16), None, [2, 2], [3, 3], [1, 1], True)),
-        (ops.triton_max_pool_3x3s2, (x,)),
-        (ops.triton_avg_pool_2x2_ceil, (x,)),
-        (ops.triton_avg_pool_fc, (x, t(10, 16), t(10))),
-        (ops.triton_bn_act_fwd, (x, w, b, r, 1e-5, True)),
-        (ops.triton_bn_act_fwd, (nchw, w, b, None, 1e-5, False)),
-        (ops.triton_bn_act_bwd, (torch.randn_like(x), x.detach(), out.detach(), w.detach(), mean, var, 1e-5,
-                                 True, True)),
-        (ops.triton_add_relu, (x, r)),
-        (ops.triton_add_relu_backward, (torch.randn_like(x), out.detach())),
-        (ops.triton_scale_bias_act, (x, w, b, r, True)),
-        (ops.triton_scale_bias_act_out, (x.detach(), w.detach(), b.detach(), None, True, torch.empty_like(x))),
-        (ops.triton_add_relu_, (x.detach().clone(), r.detach())),
-        (ops.triton_bn_update_stats_, (torch.zeros(16, device=device), torch.ones(16, device=device), mean, var,
-                                       0.1, 162)),
-    ]
-
-
-def test_triton_ops_opcheck_on_cuda():
-    from resnet_fast.ops import triton_add_relu, triton_conv
-    samples = _triton_op_samples()
-    reset_counters()  # count what opcheck itself launches
-    for op, args in samples:
-        torch.library.opcheck(op, args)
-    conv_launches = sum(n for k, n in triton_conv.LAUNCHES.items() if k.startswith("conv_bias_act."))
-    assert conv_launches and triton_conv.LAUNCHES["max_pool_3x3s2"] and triton_conv.LAUNCHES["avg_pool_2x2_ceil"]
-    assert triton_add_relu.LAUNCHES["bn_sums"] and triton_add_relu.LAUNCHES["add_relu_fwd"]

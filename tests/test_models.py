@@ -7,35 +7,12 @@ import torchvision
 from torch import nn
 
 import resnet_fast
-from resnet_fast.ops import conv_bn
+from _models import eval_out, pair, randomize_bn
+from _numerics import assert_2x, max_rel_err
+from resnet_fast.ops import dispatch
 
 TV_ARCHS = resnet_fast.models.TORCHVISION_ARCHS
 D_ARCHS = resnet_fast.models.RESNET_D_ARCHS
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters (not the init defaults)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
-
-
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def pair(arch: str, **kwargs):
-    torch.manual_seed(0)
-    tv = randomize_bn(getattr(torchvision.models, arch)(**kwargs)).eval()
-    fast = resnet_fast.from_torchvision(tv).eval()
-    return tv, fast
 
 
 @pytest.mark.parametrize("arch", TV_ARCHS)
@@ -56,12 +33,13 @@ def test_state_dict_identical_both_ways(arch):
 def test_eval_matches_torchvision(arch):
     tv, fast = pair(arch, num_classes=10)
     x = torch.randn(2, 3, 32, 32)
-    conv_bn.CALLS.clear()
+    dispatch.CALLS.clear()
     with torch.inference_mode():
         expected, got = tv(x), fast(x)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert max_rel_err(got, expected) < 1e-5
-    assert conv_bn.CALLS["torch_onednn"] > 0 and conv_bn.CALLS["modules"] == 0  # the fused path ran
+    fused = sum(n for (op, impl), n in dispatch.CALLS.items() if op.endswith("conv_bias_act") and impl == "onednn")
+    assert fused > 0 and dispatch.CALLS[("conv_bn_act", "modules")] == 0  # the fused path ran
 
 
 def test_signatures_match_torchvision():
@@ -157,10 +135,6 @@ def test_resnet_d_zero_init_residual():
 
 # --- train mode --------------------------------------------------------------
 
-def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item()
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_train_mode_matches_torchvision(arch):
     """Exact semantics in float64: outputs, every gradient and every BN buffer after one
@@ -168,15 +142,14 @@ def test_train_mode_matches_torchvision(arch):
     rounding of zero can fall on either side of zero depending on summation order and
     flip a mask bit, which BatchNorm's backward spreads upstream; float64 has no flips.
     float32 outputs are checked below and in test_train_parity.py.)"""
-    from resnet_fast.ops import _dispatch
     torch.manual_seed(0)
     tv = randomize_bn(getattr(torchvision.models, arch)(num_classes=4)).train().double()
     fast = resnet_fast.from_torchvision(tv)
     assert fast.training
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    _dispatch.CALLS.clear()
+    dispatch.CALLS.clear()
     out_tv, out_fast = tv(x), fast(x)
-    assert sum(n for (op, _), n in _dispatch.CALLS.items() if op == "bn_act") > 0  # the fused op ran
+    assert sum(n for (op, _), n in dispatch.CALLS.items() if op == "bn_act") > 0  # the fused op ran
     assert max_rel_err(out_fast, out_tv) < 1e-9
     out_tv.square().sum().backward()
     out_fast.square().sum().backward()
@@ -194,7 +167,7 @@ def test_train_mode_fp32_outputs_two_x_rule(arch):
     fast = resnet_fast.from_torchvision(tv)
     x = torch.randn(8, 3, 64, 64)
     out_ref, out_tv, out_fast = ref(x.double()), tv(x), fast(x)
-    assert _err(out_fast, out_ref) <= 2 * _err(out_tv, out_ref) + 1e-6 * out_ref.abs().max().item()
+    assert_2x(out_fast, out_tv, out_ref)
 
 
 def test_train_mode_torch_backend_is_torchvision():
@@ -204,75 +177,6 @@ def test_train_mode_torch_backend_is_torchvision():
     x = torch.randn(4, 3, 32, 32)
     with resnet_fast.use_backend("torch"):
         torch.testing.assert_close(fast(x), tv(x), rtol=1e-6, atol=1e-6)
-
-
-# --- folds are never stale -----------------------------------------------------
-
-def _eval_out(model, x):
-    with torch.inference_mode():
-        return model(x)
-
-
-def test_fold_sees_in_place_parameter_and_buffer_changes():
-    tv, fast = pair("resnet18", num_classes=10)
-    x = torch.randn(1, 3, 32, 32)
-    _eval_out(fast, x)
-    with torch.no_grad():
-        for m_tv, m_fast in ((tv.layer2[0].conv1, fast.layer2[0].conv1),):
-            m_tv.weight.mul_(1.5)
-            m_fast.weight.mul_(1.5)
-        for bn_tv, bn_fast in ((tv.layer3[1].bn2, fast.layer3[1].bn2),):
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(bn_tv, name).add_(0.3)
-                getattr(bn_fast, name).add_(0.3)
-    assert max_rel_err(_eval_out(fast, x), _eval_out(tv, x)) < 1e-5
-
-
-def test_fold_sees_load_state_dict():
-    tv, fast = pair("resnet18", num_classes=10)
-    x = torch.randn(1, 3, 32, 32)
-    _eval_out(fast, x)
-    other = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=1).eval()
-    fast.load_state_dict(other.state_dict())
-    assert max_rel_err(_eval_out(fast, x), _eval_out(other, x)) < 1e-5
-
-
-def test_fold_sees_train_step_eval_cycle():
-    tv, fast = pair("resnet18", num_classes=10)
-    x = torch.randn(4, 3, 32, 32)
-    before = _eval_out(fast, x)
-    for model in (tv, fast):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        model.train()
-        model(x).logsumexp(1).sum().backward()
-        opt.step()
-        model.eval()
-    after = _eval_out(fast, x)
-    assert max_rel_err(after, _eval_out(tv, x)) < 1e-4
-    assert max_rel_err(after, before) > 1e-3  # the step changed the answer
-
-
-def test_fold_sees_replaced_parameter_and_dtype_change():
-    tv, fast = pair("resnet18", num_classes=10)
-    x = torch.randn(1, 3, 32, 32)
-    _eval_out(fast, x)
-    w = torch.randn_like(tv.conv1.weight)
-    tv.conv1.weight = nn.Parameter(w.clone())
-    fast.conv1.weight = nn.Parameter(w.clone())
-    assert max_rel_err(_eval_out(fast, x), _eval_out(tv, x)) < 1e-5
-    fast.double()
-    tv.double()
-    assert max_rel_err(_eval_out(fast, x.double()), _eval_out(tv, x.double())) < 1e-10
-
-
-def test_fold_cache_hits_when_nothing_changes():
-    from resnet_fast import fold
-    _, fast = pair("resnet18", num_classes=10)
-    x = torch.randn(1, 3, 32, 32)
-    _eval_out(fast, x)
-    misses = fold.STATS["misses"]
-    _eval_out(fast, x)
-    assert fold.STATS["misses"] == misses
 
 
 def test_eval_with_autograd_is_differentiable():
@@ -318,9 +222,7 @@ def test_low_precision_two_x_rule(dtype):
         eager = tv.to(dtype)(x.to(dtype))
         got = fast.to(dtype)(x.to(dtype))
     assert got.dtype == dtype
-    eager_err = (eager.double() - ref).abs().max().item()
-    err = (got.double() - ref).abs().max().item()
-    assert err <= 2 * eager_err + 1e-2 * ref.abs().max().item()
+    assert_2x(got, eager, ref)
 
 
 def test_autocast_cpu_bf16():
@@ -332,8 +234,7 @@ def test_autocast_cpu_bf16():
             got = fast(x)
             eager = tv.float()(x)
     assert got.dtype == eager.dtype == torch.bfloat16
-    eager_err = (eager.double() - ref).abs().max().item()
-    assert (got.double() - ref).abs().max().item() <= 2 * eager_err + 1e-2 * ref.abs().max().item()
+    assert_2x(got, eager, ref)
 
 
 @pytest.mark.parametrize("bad, exc, match", [
@@ -366,11 +267,11 @@ def test_weights_from_file_and_state_dict(tmp_path):
     path = tmp_path / "tv.pt"
     torch.save(tv.state_dict(), path)
     x = torch.randn(1, 3, 32, 32)
-    expected = _eval_out(tv, x)
+    expected = eval_out(tv, x)
     for weights in (str(path), path, tv.state_dict(), {"model": tv.state_dict()}):
         model = resnet_fast.resnet18(weights=weights if not isinstance(weights, dict) or "model" not in weights
                                      else _save(tmp_path, weights), num_classes=10).eval()
-        assert max_rel_err(_eval_out(model, x), expected) < 1e-5
+        assert max_rel_err(eval_out(model, x), expected) < 1e-5
     with pytest.raises(FileNotFoundError):
         resnet_fast.resnet18(weights=str(tmp_path / "missing.pt"))
 
@@ -436,3 +337,38 @@ def test_hooked_activations_are_not_overwritten():
     with torch.inference_mode():
         assert max_rel_err(fast(x), tv(x)) < 1e-5
     assert torch.equal(seen["ref"], seen["copy"])
+
+
+# --- every backend, whole models ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "ext"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet50d"])
+def test_eval_on_each_backend_matches_torch_and_torchvision(arch, backend):
+    """eval() on "triton" (CPU tensors under the interpreter, CUDA on a GPU) and "ext" matches backend
+    "torch" and torchvision, with every conv and pooling step on the requested implementation."""
+    from _backends import DEVICE, skip_unless_usable
+    from resnet_fast.ops.triton._common import LAUNCHES
+    skip_unless_usable(backend)
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(resnet_fast, arch)(num_classes=10)).eval().to(DEVICE)
+    x = torch.randn(1, 3, 20, 20, device=DEVICE)
+    # TF32 (allowed for convs by default on CUDA) bounds fp32 agreement at ~1e-3.
+    tol = 1e-2 if DEVICE.type == "cuda" and torch.backends.cudnn.allow_tf32 else 1e-4
+    with torch.inference_mode():
+        with resnet_fast.use_backend("torch"):
+            ref = model(x)
+        LAUNCHES.clear()
+        dispatch.CALLS.clear()
+        with resnet_fast.use_backend(backend):
+            got = model(x)
+        if arch in TV_ARCHS:
+            tv = getattr(torchvision.models, arch)(num_classes=10).to(DEVICE).eval()
+            tv.load_state_dict(model.state_dict())
+            assert max_rel_err(got, tv(x)) < tol
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert dispatch.CALLS[("conv_bias_act", backend)] == convs  # every conv went to the backend...
+    if backend == "triton":  # ...and launched its kernel, as did the pools (+ the fc, a 1x1 conv)
+        assert sum(n for k, n in LAUNCHES.items() if k.startswith("conv_bias_act")) == convs + 1
+        assert LAUNCHES["max_pool_3x3s2"] == 1 and LAUNCHES["global_avg_pool"] == 1
+        assert LAUNCHES["avg_pool_2x2_ceil"] == (3 if arch.endswith("d") else 0)  # layers 2-4 shortcuts
+    assert max_rel_err(got, ref) < tol

@@ -30,7 +30,7 @@ import torch
 from train_data import one_thread  # noqa: F401 (autouse)
 
 import resnet_fast
-from resnet_fast.ops import _dispatch
+from resnet_fast.ops import dispatch
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -58,7 +58,7 @@ def test_resnet18_training_steps_match_torchvision(dtype):
     ref_opt, our_opt = _sgd(reference), _sgd(ours)
     names = [name for name, _ in reference.named_parameters()]
     data = torch.Generator().manual_seed(1)
-    calls_before = Counter(_dispatch.CALLS)
+    calls_before = Counter(dispatch.CALLS)
 
     for step in range(STEPS):
         ours.load_state_dict(reference.state_dict())
@@ -88,5 +88,5 @@ def test_resnet18_training_steps_match_torchvision(dtype):
             else:
                 assert torch.equal(value, theirs[key]), f"step {step}: {key}"  # num_batches_tracked
 
-    ran = {backend for (op, backend), n in (_dispatch.CALLS - calls_before).items() if op == "bn_act" and n}
+    ran = {backend for (op, backend), n in (dispatch.CALLS - calls_before).items() if op == "bn_act" and n}
     assert ran, "resnet_fast.resnet18 never dispatched its fused bn_act op"

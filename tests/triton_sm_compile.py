@@ -4,7 +4,7 @@
 
 Runs Triton's full pipeline (TTIR -> PTX -> cubin via the bundled ptxas) for
 every dtype/layout/flag variant the launchers use, so a kernel that only works
-in the interpreter fails here. Used by tests/test_bn_act.py in a subprocess
+in the interpreter fails here. Used by tests/test_sm_compile.py in a subprocess
 (the test process runs Triton in interpreter mode).
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from resnet_fast.ops import triton_add_relu as A
-from resnet_fast.ops import triton_bn_act as T
-from resnet_fast.ops import triton_conv as C
-from resnet_fast.ops import triton_pool as P
+from resnet_fast.ops.triton import add_relu as A
+from resnet_fast.ops.triton import bn_act as T
+from resnet_fast.ops.triton import conv as C
+from resnet_fast.ops.triton import pool as P
 
 
 def conv_variants(capability: int):

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import pool as pool_ops
-from ..ops.conv_bn import conv_bn_act, residuals_reusable
+from ..ops import onednn
+from ..ops.conv_bn import conv_bn_act
 from .checks import check_input
 from .weights import check_state_dict, load_weights
 
@@ -264,7 +265,7 @@ class ResNet(nn.Module):
         empty = check_input(self, x)
         if empty is not None:
             return empty
-        with residuals_reusable(self._activations_private()):
+        with onednn.activations_owned_by(self):
             x = self._stem(x)
             x = pool_ops.max_pool(self.maxpool, x)
 
@@ -274,17 +275,6 @@ class ResNet(nn.Module):
             x = self.layer4(x)
 
             return pool_ops.avgpool_fc(self.avgpool, self.fc, x)
-
-    def _activations_private(self) -> bool:
-        """True when nothing outside this forward can see the activations between blocks
-        (eval, no autograd, no compile, no forward hooks), so a block's input may be
-        overwritten by its last conv."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return False
-        from torch.nn.modules import module as _module
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)

@@ -1,1 +1,2 @@
-"""Fused ops: one file per op (Triton kernels, extension wrappers, the eval-mode dispatcher)."""
+"""Fused ops. Fronts with the modules' semantics (conv_bn, bn_act, add_relu, scale_bias_act, pool),
+the routing table (dispatch), and one place per backend: triton/, ext, onednn, reference."""

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import dispatch, reference
 
 
 def check_same(t: Tensor, x: Tensor, what: str, name: str) -> None:
@@ -36,15 +36,15 @@ def add_relu(x: Tensor, residual: Tensor, out: Optional[Tensor] = None) -> Tenso
         check_same(out, x, "add_relu", "out")
         if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad):
             raise RuntimeError("add_relu(out=...) does not support autograd; call add_relu(x, residual)")
-    backend = _dispatch.choose("add_relu", x.device, x.dtype)
+    impl = dispatch.route("add_relu", x.device, x.dtype)
     if out is not None:
-        if backend == "torch":
+        if impl == "torch":
             return torch.add(x, residual, out=out).relu_()
         if out is x:
-            _dispatch.op(backend, "add_relu_")(x, residual)
+            dispatch.op(impl, "add_relu_")(x, residual)
         else:
-            _dispatch.op(backend, "add_relu_out")(x, residual, out)
+            dispatch.op(impl, "add_relu_out")(x, residual, out)
         return out
-    if backend == "torch":
-        return torch.relu(x + residual)
-    return _dispatch.op(backend, "add_relu")(x, residual)
+    if impl == "torch":
+        return reference.add_relu(x, residual)
+    return dispatch.op(impl, "add_relu")(x, residual)

@@ -5,9 +5,9 @@ residual add, ReLU), then the running-stats update; backward is one fused op
 producing grad x, weight, bias and residual, the ReLU mask recomputed from the
 output. Eval (running statistics): scale_bias_act with the folded scale/shift.
 
-Backends: "ext" (resnet_fast._C), "triton", "torch" (bn(x) + residual, relu: the
-reference), "auto" (_dispatch.AUTO_PREFERENCE). Also exports scale_bias_act and
-add_relu, the other fused epilogue ops.
+Implementations (resnet_fast.ops.dispatch routes "bn_act"): "ext" (resnet_fast._C),
+"triton", "torch" (reference.bn_act: the module, + residual, relu). Also exports
+scale_bias_act and add_relu, the other fused epilogue ops.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import backend as _backend
-from . import _dispatch
+from ..backend import get_backend
+from . import dispatch, reference
 from ._op_meta import acc_dtype
 from .add_relu import add_relu
 from .scale_bias_act import scale_bias_act
@@ -54,27 +54,20 @@ def _forward_state(bn: _BatchNorm) -> tuple[float, bool, Optional[Tensor], Optio
     return momentum, batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
 
 
-def _reference(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor], relu: bool) -> Tensor:
-    y = bn(x)
-    if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
-
-
 def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """act(bn(x) + residual) with bn.forward's semantics (training/eval, running
     stats and num_batches_tracked, momentum=None, affine=False), differentiable."""
     _check(x, bn, residual)
     if type(bn) not in FUSABLE:
-        requested = _backend.get_backend()
+        requested = get_backend()
         if requested not in ("auto", "torch"):
             raise ValueError(f"bn_act: backend {requested!r} fuses nn.BatchNorm1d/2d/3d only, got "
                              f"{type(bn).__name__}; use backend 'torch' or 'auto'")
-        _dispatch.CALLS[("bn_act", "torch")] += 1
-        return _reference(x, bn, residual, relu)
-    backend = _dispatch.choose("bn_act", x.device, x.dtype)
-    if backend == "torch":
-        return _reference(x, bn, residual, relu)
+        dispatch.CALLS[("bn_act", "torch")] += 1
+        return reference.bn_act(x, bn, residual, relu)
+    impl = dispatch.route("bn_act", x.device, x.dtype)
+    if impl == "torch":
+        return reference.bn_act(x, bn, residual, relu)
 
     bn._check_input_dim(x)
     if residual is not None and residual.dtype != x.dtype:
@@ -84,14 +77,14 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
     momentum, batch_stats, running_mean, running_var = _forward_state(bn)
     if not batch_stats:
         scale, shift = _eval_scale_shift(bn, acc_dtype(x.dtype))
-        return _dispatch.op(backend, "scale_bias_act")(x, scale, shift, residual, relu)
+        return dispatch.op(impl, "scale_bias_act")(x, scale, shift, residual, relu)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    out, mean, var = _dispatch.op(backend, "bn_act_fwd")(x, bn.weight, bn.bias, residual, bn.eps, relu)
+    out, mean, var = dispatch.op(impl, "bn_act_fwd")(x, bn.weight, bn.bias, residual, bn.eps, relu)
     if running_mean is not None:
         with torch.no_grad():
-            _dispatch.op(backend, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
+            dispatch.op(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
     return out
 
 

@@ -11,8 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _dispatch
-from ._op_meta import acc_dtype
+from . import dispatch, reference
 from .add_relu import check_float, check_same
 
 
@@ -31,17 +30,6 @@ def _check(x: Tensor, scale: Tensor, bias: Tensor, residual: Optional[Tensor]) -
         check_same(residual, x, what, "residual")
 
 
-def reference(x: Tensor, scale: Tensor, bias: Tensor, residual: Optional[Tensor] = None,
-              relu: bool = True) -> Tensor:
-    """The plain-torch definition (the "torch" backend)."""
-    acc = acc_dtype(x.dtype)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = torch.addcmul(bias.to(acc).view(shape), x.to(acc), scale.to(acc).view(shape))
-    if residual is not None:
-        y = y + residual
-    return (torch.relu(y) if relu else y).to(x.dtype)
-
-
 def scale_bias_act(x: Tensor, scale: Tensor, bias: Tensor, residual: Optional[Tensor] = None,
                    relu: bool = True, out: Optional[Tensor] = None) -> Tensor:
     """act(x * scale + bias (+ residual)); differentiable. out= (inference only) may be x (in place)."""
@@ -50,15 +38,15 @@ def scale_bias_act(x: Tensor, scale: Tensor, bias: Tensor, residual: Optional[Te
         check_same(out, x, "scale_bias_act", "out")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, scale, bias, residual)):
             raise RuntimeError("scale_bias_act(out=...) does not support autograd; call it without out=")
-    backend = _dispatch.choose("scale_bias_act", x.device, x.dtype)
+    impl = dispatch.route("scale_bias_act", x.device, x.dtype)
     if out is not None:
-        if backend == "torch":
-            return out.copy_(reference(x, scale, bias, residual, relu))
+        if impl == "torch":
+            return out.copy_(reference.scale_bias_act(x, scale, bias, residual, relu))
         if out is x:
-            _dispatch.op(backend, "scale_bias_act_")(x, scale, bias, residual, relu)
+            dispatch.op(impl, "scale_bias_act_")(x, scale, bias, residual, relu)
         else:
-            _dispatch.op(backend, "scale_bias_act_out")(x, scale, bias, residual, relu, out)
+            dispatch.op(impl, "scale_bias_act_out")(x, scale, bias, residual, relu, out)
         return out
-    if backend == "torch":
-        return reference(x, scale, bias, residual, relu)
-    return _dispatch.op(backend, "scale_bias_act")(x, scale, bias, residual, relu)
+    if impl == "torch":
+        return reference.scale_bias_act(x, scale, bias, residual, relu)
+    return dispatch.op(impl, "scale_bias_act")(x, scale, bias, residual, relu)

@@ -1,99 +1,51 @@
-"""Triton fused conv + pooling kernels vs eager PyTorch and an fp64 reference.
+"""The eval conv op, conv + bias (+ residual) (+ ReLU), on every backend.
 
-Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest) on CPU
-tensors, so shapes stay tiny. With CUDA the same parity tests run on the GPU,
-bf16 included. Every test that runs a kernel checks triton_conv.LAUNCHES to
-prove the Triton kernel (and the expected variant of it) actually ran.
+The Triton kernel (resnet_fast.ops.triton.conv) is checked directly in every mode it has
+(gemm, implicit, flat) against eager PyTorch and a float64 reference under the 2x rule;
+conv_bn_act, the op a ResNet block calls, is checked on each backend with proof of the
+implementation that ran. Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest)
+on CPU tensors, so shapes stay tiny; bf16 numerics are checked on a GPU only (the interpreter's
+bf16 tl.dot is broken, so the kernel upcasts there).
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
+from torch import nn
 
-from resnet_fast.ops import triton_conv, triton_pool
+import resnet_fast
+from _backends import (BACKENDS, DEVICE, KERNEL_DTYPES, launched, launches, rand_nhwc, require_triton_here,
+                       skip_unless_usable)
+from _numerics import assert_2x, fp32_precision
+from resnet_fast.ops import dispatch, reference
+from resnet_fast.ops.conv_bn import conv_bn_act
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_CPU = DEVICE == "cpu"
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
-          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)]
+require_triton_here()
+import triton  # noqa: E402
+from resnet_fast.ops.triton import conv as triton_conv  # noqa: E402
+
+ON_CPU = DEVICE.type == "cpu"
+DTYPES = KERNEL_DTYPES
 CL = torch.channels_last
-
-
-@contextlib.contextmanager
-def conv_fp32_precision(setting):
-    """Set cuDNN's fp32 conv precision ("ieee" or "tf32") for the block."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        old, conv.fp32_precision = conv.fp32_precision, setting
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-    else:
-        old, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, setting == "tf32"
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = old
+rand = rand_nhwc
 
 
 @pytest.fixture(autouse=True)
 def ieee_fp32_convs():
     # fp32 cases compare IEEE fp32 kernels with IEEE fp32 eager (cuDNN would
     # pick TF32 for some shapes only); TF32 has its own GPU test.
-    with conv_fp32_precision("ieee"):
+    with fp32_precision("ieee", "ieee"):
         yield
 
 
-@contextlib.contextmanager
-def launched(key, times=1):
-    """Assert the block launched Triton kernel `key` exactly `times` times."""
-    before = triton_conv.LAUNCHES[key]
-    yield
-    assert triton_conv.LAUNCHES[key] - before == times, f"expected {times} launch(es) of {key}"
-
-
-def rand(*shape, dtype=torch.float32, scale=1.0, cl=True):
-    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
-    return t.contiguous(memory_format=CL) if cl and t.dim() == 4 else t
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_close_to_reference(out, eager, ref, eps=None):
-    """Our error vs the fp64 reference <= 2x eager PyTorch's own error in this
-    precision, plus one ulp (eps: of another format) at the output's magnitude."""
-    assert out.shape == ref.shape and out.dtype == eager.dtype
-    floor = (eps or torch.finfo(out.dtype).eps) * max(1.0, ref.abs().max().item())
-    ours, theirs = max_err(out, ref), max_err(eager, ref)
-    assert ours <= 2 * theirs + floor, f"error {ours:.3g} vs eager {theirs:.3g} (floor {floor:.3g})"
-
-
-# --- conv ---------------------------------------------------------------------------
-
-def eager_conv(x, w, b, r, stride, padding, dilation, relu):
-    """Eager PyTorch in x's dtype (conv, then add and ReLU, each rounded)."""
-    try:
-        y = F.conv2d(x, w, b.to(x.dtype), stride, padding, dilation)
-    except (RuntimeError, NotImplementedError):
-        # Older CPU builds lack half convs: compute in fp32 and round once,
-        # which is what a GPU half conv with fp32 accumulation does.
-        y = F.conv2d(x.float(), w.float(), b, stride, padding, dilation).to(x.dtype)
-    if r is not None:
-        y = y + r
-    return F.relu(y) if relu else y
+eager_conv = reference.conv_bias_act  # eager PyTorch in x's dtype: conv, add, ReLU, each rounded
 
 
 def reference_conv(x, w, b, r, stride, padding, dilation, relu):
-    y = F.conv2d(x.double(), w.double(), b.double(), stride, padding, dilation)
-    if r is not None:
-        y = y + r.double()
-    return F.relu(y) if relu else y
+    return reference.conv_bias_act(x.double(), w.double(), b.double(), None if r is None else r.double(),
+                                   stride, padding, dilation, relu)
 
+
+# --- conv ---------------------------------------------------------------------------
 
 # name: (N, Cin, Cout, H, W, kernel, stride, padding, dilation, expected kernel variant)
 SHAPES = {
@@ -115,7 +67,7 @@ SHAPES = {
 EPILOGUES = [(True, True), (False, True), (True, False), (False, False)]
 
 
-def run_conv_case(shape, dtype, residual, relu, x_cl=True, w_cl=True, eps=None):
+def run_conv_case(shape, dtype, residual, relu, x_cl=True, w_cl=True, rule_dtype=None):
     n, cin, cout, h, w, k, s, p, d, mode = SHAPES[shape]
     x = rand(n, cin, h, w, dtype=dtype, cl=x_cl)
     weight = rand(cout, cin, k, k, dtype=dtype, scale=(cin * k * k) ** -0.5, cl=w_cl)
@@ -129,7 +81,7 @@ def run_conv_case(shape, dtype, residual, relu, x_cl=True, w_cl=True, eps=None):
         out = triton_conv.conv_bias_act(x, weight, bias, r, s, p, d, relu)
     assert out.is_contiguous(memory_format=CL)
     args = (x, weight, bias, r, (s, s), (p, p), (d, d), relu)
-    assert_close_to_reference(out, eager_conv(*args), reference_conv(*args), eps)
+    assert_2x(out, eager_conv(*args), reference_conv(*args), rule_dtype or dtype)
     return out
 
 
@@ -153,9 +105,10 @@ def test_conv_reads_strides_of_nchw_inputs(shape):
 
 @pytest.mark.gpu
 def test_conv_fp32_uses_tf32_when_cudnn_does():
-    with conv_fp32_precision("tf32"):
+    with fp32_precision("tf32", "ieee"):
         torch.manual_seed(1)
-        tf32 = run_conv_case("3x3s1", torch.float32, True, True, eps=2.0 ** -10)
+        # TF32 rounds the operands to fp16's 10-bit mantissa: fp16's floor.
+        tf32 = run_conv_case("3x3s1", torch.float32, True, True, rule_dtype=torch.float16)
     torch.manual_seed(1)
     ieee = run_conv_case("3x3s1", torch.float32, True, True)
     assert not torch.equal(tf32, ieee), "TF32 setting had no effect"
@@ -171,10 +124,10 @@ def test_conv_bf16_under_interpreter():
 def test_conv_empty_batch():
     x = rand(0, 8, 5, 5)
     w = rand(16, 8, 3, 3)
-    before = sum(triton_conv.LAUNCHES.values())
+    before = launches()
     out = triton_conv.conv_bias_act(x, w, rand(16), None, 2, 1)
     assert out.shape == (0, 16, 3, 3) and out.is_contiguous(memory_format=CL)
-    assert sum(triton_conv.LAUNCHES.values()) == before
+    assert launches() == before
 
 
 def _bad(**change):
@@ -224,10 +177,10 @@ def test_conv_opcheck():
     w = rand(8, 5, 3, 3, scale=0.3).requires_grad_()
     b = rand(8).requires_grad_()
     r = rand(1, 8, 5, 4).requires_grad_()
-    before = triton_conv.LAUNCHES["conv_bias_act.flat"]
+    before = launches()
     torch.library.opcheck(op, (x, w, b, r, [1, 1], [1, 1], [1, 1], True))
     torch.library.opcheck(op, (x.detach(), w.detach(), b.detach(), None, [2, 2], [0, 0], [1, 1], False))
-    assert triton_conv.LAUNCHES["conv_bias_act.flat"] > before  # opcheck ran the real kernel
+    assert launches() > before  # opcheck ran the real kernel
 
 
 def test_conv_fake_output_is_channels_last():
@@ -247,9 +200,9 @@ def _compile_and_check(backend):
     args = (rand(1, 16, 5, 5), rand(24, 16, 3, 3, scale=0.1), rand(24), rand(16, 24, 1, 1, scale=0.2), rand(16))
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend=backend)
-    before = sum(triton_conv.LAUNCHES.values())
+    before = launches()
     out = compiled(*args)
-    assert sum(triton_conv.LAUNCHES.values()) - before == 2
+    assert launches() - before == 2
     torch.testing.assert_close(out, block(*args), atol=0, rtol=0)
 
 
@@ -260,18 +213,12 @@ def test_conv_torch_compile_fullgraph(backend):
 
 
 def test_tf32_follows_torch_settings():
-    for setting in ("ieee", "tf32"):
-        with conv_fp32_precision(setting):
-            assert triton_conv._fp32_allows_tf32("conv") is (setting == "tf32")
-    matmul = torch.backends.cuda.matmul
-    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    old = getattr(matmul, attr)
-    try:
-        for tf32 in (False, True):
-            setattr(matmul, attr, ("tf32" if tf32 else "ieee") if attr == "fp32_precision" else tf32)
-            assert triton_conv._fp32_allows_tf32("matmul") is tf32
-    finally:
-        setattr(matmul, attr, old)
+    from resnet_fast.ops.triton._common import fp32_allows_tf32
+    for conv in ("ieee", "tf32"):
+        for matmul in ("ieee", "tf32"):
+            with fp32_precision(conv, matmul):
+                assert fp32_allows_tf32("conv") is (conv == "tf32")
+                assert fp32_allows_tf32("matmul") is (matmul == "tf32")
 
 
 def test_prune_keeps_hopper_configs_off_ampere(monkeypatch):
@@ -340,107 +287,73 @@ def test_autotune_runs_once_per_shape_bucket():
     assert kernel.cache == tuned
 
 
-# --- pooling -----------------------------------------------------------------------
-
-POOL_SHAPES = [(2, 20, 9, 7), (1, 40, 1, 1), (1, 3, 2, 3), (2, 33, 8, 8)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", POOL_SHAPES)
-def test_max_pool_3x3s2(shape, dtype):
-    x = rand(*shape, dtype=dtype)
-    with launched("max_pool_3x3s2"):
-        out = triton_pool.max_pool_3x3s2(x)
+# --- conv_bn_act: the eval op a block calls, on every backend ---------------------------
+
+def _conv_bn(cin, cout, groups=1, dtype=torch.float32):
+    conv = nn.Conv2d(cin, cout, 3, 1, 1, groups=groups, bias=False)
+    bn = nn.BatchNorm2d(cout)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return conv.eval().to(DEVICE, dtype), bn.eval().to(DEVICE, dtype)
+
+
+def _expected_impl(backend, grouped):
+    if grouped and backend in ("triton", "auto"):  # no Triton grouped conv: cuDNN + the ext epilogue
+        return "ext" if resnet_fast.ops.ext.available(DEVICE) else ("onednn" if ON_CPU else "torch")
+    if backend in ("torch", "auto"):
+        return "onednn" if ON_CPU else ("triton" if backend == "auto" else "torch")
+    return backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_bn_act_eval_on_each_backend(backend, groups):
+    skip_unless_usable(backend)
+    torch.manual_seed(groups)
+    conv, bn = _conv_bn(8, 16, groups)
+    x, r = rand(2, 8, 6, 5), rand(2, 16, 6, 5)
+    op = "grouped_conv_bias_act" if groups > 1 else "conv_bias_act"
+    impl = _expected_impl(backend, groups > 1)
+    before, kernels = dispatch.CALLS[(op, impl)], launches()
+    with torch.no_grad(), resnet_fast.use_backend(backend):
+        out = conv_bn_act(x, conv, bn, r, relu=True)
+    assert dispatch.CALLS[(op, impl)] == before + 1
+    assert (launches() > kernels) == (impl == "triton")
     assert out.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(out, F.max_pool2d(x, 3, 2, 1), atol=0, rtol=0)  # a max is exact
+    eager = F.relu(bn(conv(x)) + r)
+    ref = F.relu(F.batch_norm(F.conv2d(x.double(), conv.weight.double(), None, 1, 1, 1, groups),
+                              bn.running_mean.double(), bn.running_var.double(), bn.weight.double(),
+                              bn.bias.double(), False, 0.0, bn.eps) + r.double())
+    assert_2x(out, eager, ref)
 
 
-def test_max_pool_propagates_nan():
-    x = rand(1, 4, 5, 5)
-    x[0, 1, 2, 2] = float("nan")
-    torch.testing.assert_close(triton_pool.max_pool_3x3s2(x), F.max_pool2d(x, 3, 2, 1), equal_nan=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bn_act_eval_is_differentiable(backend):
+    """With autograd on (frozen-BN fine-tuning) the fold follows the parameters: Triton's op has a
+    backward, every other backend runs the torch composite."""
+    skip_unless_usable(backend)
+    torch.manual_seed(3)
+    conv, bn = _conv_bn(6, 8)
+    x = rand(2, 6, 5, 5).requires_grad_()
+    kernels = launches()
+    with resnet_fast.use_backend(backend):
+        out = conv_bn_act(x, conv, bn, relu=True)
+    assert (launches() > kernels) == (backend == "triton")
+    grad = rand(*out.shape)
+    ours = torch.autograd.grad(out, (x, conv.weight, bn.weight), grad)
+    eager = F.relu(bn(conv(x)))
+    theirs = torch.autograd.grad(eager, (x, conv.weight, bn.weight), grad)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", POOL_SHAPES)
-def test_avg_pool_2x2_ceil(shape, dtype):
-    x = rand(*shape, dtype=dtype)
-    with launched("avg_pool_2x2_ceil"):
-        out = triton_pool.avg_pool_2x2_ceil(x)
-    assert out.is_contiguous(memory_format=CL)
-    kw = dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False)
-    assert_close_to_reference(out, F.avg_pool2d(x, **kw), F.avg_pool2d(x.double(), **kw))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", POOL_SHAPES)
-def test_avg_pool_fc(shape, dtype):
-    x = rand(*shape, dtype=dtype)
-    classes = 11
-    w = rand(classes, shape[1], dtype=dtype, scale=shape[1] ** -0.5)
-    b = rand(classes, dtype=dtype)
-    with launched("global_avg_pool"), launched("conv_bias_act.gemm"):
-        out = triton_pool.avg_pool_fc(x, w, b)
-    eager = F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), w, b)
-    ref = F.linear(x.double().mean((2, 3)), w.double(), b.double())
-    assert_close_to_reference(out, eager, ref)
-
-
-def test_resnetd_shortcut_pool_then_1x1():
-    # avg_pool_2x2_ceil feeds the 1x1 conv's GEMM path directly (dense NHWC).
-    x = rand(2, 24, 9, 7, dtype=torch.float16)
-    w = rand(40, 24, 1, 1, dtype=torch.float16, scale=24 ** -0.5)
-    b = rand(40)
-    with launched("avg_pool_2x2_ceil"), launched("conv_bias_act.gemm"):
-        out = triton_conv.conv_bias_act(triton_pool.avg_pool_2x2_ceil(x), w, b)
-    pool = dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False)
-    eager = eager_conv(F.avg_pool2d(x, **pool), w, b, None, 1, 0, 1, False)
-    ref = reference_conv(F.avg_pool2d(x.double(), **pool), w, b, None, 1, 0, 1, False)
-    assert_close_to_reference(out, eager, ref)
-
-
-@pytest.mark.parametrize("call,match", [
-    (lambda: triton_pool.max_pool_3x3s2(rand(4, 5, 5)), "x must be a 4-D"),
-    (lambda: triton_pool.avg_pool_2x2_ceil(rand(1, 4, 5, 5).long()), "x must be float32"),
-    (lambda: triton_pool.avg_pool_fc(rand(1, 4, 5, 5), rand(3, 5), rand(3)), r"weight must be \[num_classes"),
-    (lambda: triton_pool.avg_pool_fc(rand(1, 4, 5, 5), rand(3, 4), rand(2)), "bias must be 1-D"),
-])
-def test_pool_rejects_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()
-
-
-def test_pool_opcheck_and_autograd():
-    x = rand(1, 5, 5, 4).requires_grad_()
-    w = rand(3, 5).requires_grad_()
-    b = rand(3).requires_grad_()
-    ops = torch.ops.resnet_fast
-    keys = ("max_pool_3x3s2", "avg_pool_2x2_ceil", "global_avg_pool")
-    before = [triton_conv.LAUNCHES[k] for k in keys]
-    torch.library.opcheck(ops.triton_max_pool_3x3s2.default, (x,))
-    torch.library.opcheck(ops.triton_avg_pool_2x2_ceil.default, (x,))
-    torch.library.opcheck(ops.triton_avg_pool_fc.default, (x, w, b))
-    pool = dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False)
-    pairs = [
-        (triton_pool.max_pool_3x3s2(x), F.max_pool2d(x, 3, 2, 1)),
-        (triton_pool.avg_pool_2x2_ceil(x), F.avg_pool2d(x, **pool)),
-        (triton_pool.avg_pool_fc(x, w, b), F.linear(x.mean((2, 3)), w, b)),
-    ]
-    for ours, eager in pairs:
-        grad = torch.randn_like(eager)
-        inputs = (x, w, b) if ours.dim() == 2 else (x,)
-        for a, e in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(eager, inputs, grad)):
-            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-    assert all(triton_conv.LAUNCHES[k] > n for k, n in zip(keys, before))
-
-
-def test_pools_torch_compile_fullgraph():
-    def head(x, w, b):
-        return triton_pool.avg_pool_fc(triton_pool.max_pool_3x3s2(x), w, b)
-
-    args = (rand(2, 8, 7, 7), rand(5, 8), rand(5))
-    torch._dynamo.reset()
-    compiled = torch.compile(head, fullgraph=True, backend="aot_eager" if ON_CPU else "inductor")
-    with launched("max_pool_3x3s2"), launched("global_avg_pool"):
-        out = compiled(*args)
-    torch.testing.assert_close(out, head(*args), atol=0, rtol=0)
+def test_conv_bn_act_triton_refuses_float64():
+    conv, bn = _conv_bn(4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend 'triton' runs conv_bias_act in float16, bfloat16 or float32"):
+        with torch.no_grad(), resnet_fast.use_backend("triton"):
+            conv_bn_act(rand(1, 4, 3, 3, dtype=torch.float64), conv, bn)

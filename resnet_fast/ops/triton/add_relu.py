@@ -2,25 +2,18 @@
 
 x, residual and out are made dense in one kernel format, so the kernels run on
 flat memory. Registered as torch.ops.resnet_fast.triton_add_relu{,_out,_,_backward}
-with the C++ ops' schemas; fake kernels and autograd come from _op_meta (see
-triton_bn_act, which registers the whole Triton family).
+with the C++ ops' schemas; the package registers their fake kernels and autograd.
 """
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import backend as _backend
-from . import _op_meta
+from .. import _op_meta
+from ._common import LAUNCHES, check_like, check_runnable
 
-# Kernel launches by kernel name: lets tests prove the Triton path ran.
-LAUNCHES: Counter = Counter()
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 1024
 
 
@@ -41,24 +34,6 @@ def _add_relu_bwd_kernel(g_ptr, out_ptr, grad_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_ptr + offs, tl.where(o > 0, g, 0.0).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-def check_runnable(x: Tensor, what: str) -> None:
-    """Clear errors instead of a Triton trace for tensors these kernels cannot take."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what}: expected a tensor, got {type(x).__name__}")
-    if not _backend.triton_usable(x.device):
-        raise RuntimeError(f"{what}: Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-                           f"set before triton is imported; got a {x.device.type} tensor "
-                           f"({_backend.triton_status()[1]})")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{what}: Triton kernels take float16, bfloat16 or float32, got {x.dtype}")
-
-
-def check_like(t: Tensor, x: Tensor, what: str, name: str) -> None:
-    if not isinstance(t, Tensor) or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-        got = (tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{what}: {name} must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got {got}")
 
 
 def _launch_fwd(x: Tensor, residual: Tensor, out: Tensor) -> None:

@@ -1,8 +1,10 @@
-"""The compiled extension resnet_fast._C: loading it and saying what it can run.
+"""The "ext" backend: the compiled extension resnet_fast._C, and the eval conv it serves.
 
-The extension is optional. Without it resnet_fast runs on its Triton and torch
-paths; the reason is logged once (logger "resnet_fast") and returned by
-status(), which `resnet-fast info` prints.
+Importing this module loads _C (whose library registers the C++/CUDA ops
+torch.ops.resnet_fast.*) and registers their fake kernels and autograd, as
+pytorch/extension-cpp does. The extension is optional: without it resnet_fast
+runs on its Triton and torch paths; the reason is logged once (logger
+"resnet_fast") and returned by status(), which `resnet-fast info` prints.
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import platform
 import re
 
 import torch
+import torch.nn.functional as F
+
+from .. import fold
+from . import _op_meta
 
 log = logging.getLogger("resnet_fast")
 
@@ -33,7 +39,6 @@ def _load() -> tuple[bool, str]:
         why = f"not built: {exc}; {BUILD_HINT}"
         log.warning("resnet_fast: C++/CUDA extension unavailable (%s); using the Triton and torch paths", why)
         return False, why
-    from . import _op_meta
     _op_meta.register("")  # fake kernels and autograd for the C++ ops
     return True, describe(build_info())
 
@@ -61,8 +66,6 @@ def describe(info: dict[str, str]) -> str:
 
 def status() -> tuple[bool, str]:
     """(whether resnet_fast._C loaded, a human-readable reason)."""
-    if "status" not in _cache:
-        _cache["status"] = _load()
     return _cache["status"]
 
 
@@ -102,3 +105,22 @@ def _available(device: torch.device) -> bool:
         return False
     capability = torch.cuda.get_device_capability(device)
     return any(_arch_runs(a, capability) for a in build_info().get("archs", "").split())
+
+
+_cache["status"] = _load()
+
+
+# --- eval: conv + BN (+ residual) (+ ReLU) ----------------------------------------
+
+def _scale_shift(conv, bn, device):
+    def build():
+        s, t = fold.bn_scale_shift(bn, conv.bias)
+        return s.to(device), t.to(device)
+    return fold.cached(conv, bn, ("scale_shift", device), build)
+
+
+def conv_bn_eval(x, conv, bn, residual, relu):
+    """torch's conv (cuDNN, oneDNN) on the original weights, then BN + residual + ReLU in one pass."""
+    s, t = _scale_shift(conv, bn, x.device)
+    y = F.conv2d(x, conv.weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return torch.ops.resnet_fast.scale_bias_act(y, s, t, residual, relu)

@@ -11,8 +11,8 @@ x is seen as [N, C, S] with strides (sN, sC, sS): NCHW (C*S, S, 1) or
 channels_last (S*C, 1, C). Tiles are [BLOCK_S, BLOCK_C]; Triton specializes the
 stride that equals 1, so accesses are contiguous along S (NCHW) or C (NHWC).
 
-Registered as torch.ops.resnet_fast.triton_<op>, with the C++ ops' schemas
-(fake kernels and autograd from _op_meta). fp16, bf16 and fp32; fp32 math.
+Registered as torch.ops.resnet_fast.triton_<op>, with the C++ ops' schemas; the
+package registers their fake kernels and autograd. fp16, bf16 and fp32; fp32 math.
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _op_meta
-from . import triton_add_relu  # noqa: F401  defines triton_add_relu*, used by the shared autograd
-from .triton_add_relu import LAUNCHES, check_like as _check_like, check_runnable
+from .. import _op_meta
+from ._common import LAUNCHES, check_like, check_runnable
 
 # ---- kernels ------------------------------------------------------------------------
 
@@ -261,7 +260,7 @@ def _check_scale_bias(what, x, scale, bias, residual):
     _check_per_channel(scale, x, what, "scale")
     _check_per_channel(bias, x, what, "bias")
     if residual is not None:
-        _check_like(residual, x, what, "residual")
+        check_like(residual, x, what, "residual")
 
 
 def _scale_bias_act_to(x, scale, bias, residual, relu, out):
@@ -285,7 +284,7 @@ def scale_bias_act(x: Tensor, scale: Tensor, bias: Tensor, residual: Optional[Te
 
 def scale_bias_act_out(x, scale, bias, residual, relu, out) -> None:
     _check_scale_bias("scale_bias_act", x, scale, bias, residual)
-    _check_like(out, x, "scale_bias_act", "out")
+    check_like(out, x, "scale_bias_act", "out")
     _scale_bias_act_to(x, scale, bias, residual, relu, out)
 
 
@@ -300,7 +299,7 @@ def bn_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], resi
         if p is not None:
             _check_per_channel(p, x, what, name)
     if residual is not None:
-        _check_like(residual, x, what, "residual")
+        check_like(residual, x, what, "residual")
     fmt = _op_meta.kernel_format(x)
     x = x.contiguous(memory_format=fmt)
     residual = residual.contiguous(memory_format=fmt) if residual is not None else None
@@ -324,8 +323,8 @@ def bn_act_bwd(grad_out: Tensor, x: Tensor, out: Tensor, weight: Optional[Tensor
                eps: float, relu: bool, residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     what = "bn_act backward"
     check_runnable(x, what)
-    _check_like(grad_out, x, what, "grad_out")
-    _check_like(out, x, what, "out")
+    check_like(grad_out, x, what, "grad_out")
+    check_like(out, x, what, "out")
     fmt = _op_meta.kernel_format(x)
     x, grad_out, out = (t.contiguous(memory_format=fmt) for t in (x, grad_out, out))
     mean, var = mean.float().contiguous(), var.float().contiguous()
@@ -408,5 +407,3 @@ def _bn_update_stats_op(running_mean: Tensor, running_var: Tensor, mean: Tensor,
                         momentum: float, count: int) -> None:
     bn_update_stats_(running_mean, running_var, mean, var, momentum, count)
 
-
-_op_meta.register("triton_")

@@ -21,19 +21,14 @@ Registered as the custom op resnet_fast::triton_conv_bias_act (fake impl
 with channels_last strides, autograd via aten.convolution_backward), so it
 works under torch.compile(fullgraph=True) and torch.library.opcheck.
 """
-import collections
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreter_enabled, triton_usable
+from ... import fold
+from ..dispatch import interpreter_enabled
+from ._common import LAUNCHES, check_dtype, device_guard, fp32_allows_tf32, require_usable
 
-# Launches per kernel variant; tests read it to prove a Triton kernel ran.
-LAUNCHES: collections.Counter = collections.Counter()
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = {"gemm": 0, "implicit": 1, "flat": 2}
 _FLAT_K_MAX_CIN = 16  # below this, channel blocks of >= 16 (tl.dot's minimum) waste most of K
 
@@ -225,25 +220,6 @@ def _conv_bias_act_fwd_kernel(
 
 # --- launcher -----------------------------------------------------------------
 
-def _fp32_allows_tf32(op: str = "conv") -> bool:
-    """Whether torch would use TF32 right now for an fp32 `op`: "conv" (cuDNN)
-    or "matmul" (cuBLAS)."""
-    if op == "conv":
-        chain = (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn, torch.backends)
-    else:
-        chain = (torch.backends.cuda.matmul, torch.backends)
-    if not hasattr(chain[0], "fp32_precision"):  # torch < 2.9: only the legacy flags
-        legacy = torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul
-        return bool(legacy.allow_tf32)
-    # "none" inherits from the parent setting. (Reading the legacy flags raises
-    # once the new API has been used, so they are not consulted here.)
-    for node in chain:
-        setting = getattr(node, "fp32_precision", "none")
-        if setting != "none":
-            return setting == "tf32"
-    return False
-
-
 def _mode(x: torch.Tensor, kh: int, kw: int, stride, padding) -> str:
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
             and x.is_contiguous(memory_format=torch.channels_last):
@@ -263,8 +239,7 @@ def _check_conv_args(x, weight, bias, residual, stride, padding, dilation):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name}: x must be a 4-D [N, Cin, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"{name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_dtype(x, name)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"{name}: weight must be a 4-D [Cout, Cin, KH, KW] tensor")
     if weight.dtype != x.dtype:
@@ -307,9 +282,7 @@ def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu
     dense channels_last [N, Cout, Ho, Wo] buffer (avg_pool_fc writes its fc
     result straight into a 2-D tensor this way). allow_tf32=None follows
     cuDNN's conv setting; callers that are not convs pass their own rule."""
-    if not triton_usable(x.device):
-        raise RuntimeError(f"resnet_fast Triton conv cannot run on {x.device.type} tensors: it needs CUDA, "
-                           "or TRITON_INTERPRET=1 set before triton is imported")
+    require_usable(x, "resnet_fast Triton conv")
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
@@ -326,14 +299,14 @@ def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu
     sr = [res.stride(0), res.stride(1), res.stride(2), res.stride(3)] if residual is not None else [0, 0, 0, 0]
     fp32 = x.dtype == torch.float32
     if allow_tf32 is None:
-        allow_tf32 = _fp32_allows_tf32("conv")
+        allow_tf32 = fp32_allows_tf32("conv")
     precision = "ieee" if fp32 and not allow_tf32 else "tf32"  # ignored for fp16/bf16
     upcast = interpreter_enabled() and x.dtype == torch.bfloat16
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
 
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_guard(x):
         _conv_bias_act_fwd_kernel[grid](
             x, weight, bias, res, out,
             m, cin, h, w, cout, ho, wo,
@@ -422,3 +395,17 @@ def conv_bias_act(x, weight, bias, residual=None, stride=(1, 1), padding=(0, 0),
     return torch.ops.resnet_fast.triton_conv_bias_act(
         x, weight, bias, residual, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), bool(relu))
+
+
+def conv_bn_eval(x, conv, bn, residual, relu, differentiable=False):
+    """A ResNet conv + eval BatchNorm (+ residual) (+ ReLU) as one launch of this kernel.
+
+    BN is folded into the weights: cached per weight version, or, when `differentiable`, folded on
+    every call so autograd and torch.compile trace through the parameters."""
+    if differentiable:
+        w, b = fold.fold_conv_bn(conv, bn)
+        w = w.to(x.dtype)
+    else:
+        w, b = fold.folded(conv, bn, x.device, x.dtype)
+    return torch.ops.resnet_fast.triton_conv_bias_act(
+        x, w, b, residual, list(conv.stride), list(conv.padding), list(conv.dilation), relu)

@@ -10,16 +10,14 @@
 
 Each is a torch.library custom op (resnet_fast::triton_*) with a fake impl and
 autograd, so torch.compile(fullgraph=True) and opcheck work. Launches are
-counted in triton_conv.LAUNCHES. Reductions run in fp32; outputs are x's dtype.
+counted in _common.LAUNCHES. Reductions run in fp32; outputs are x's dtype.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_conv import _DTYPES, LAUNCHES, _fp32_allows_tf32, conv_bias_act_fwd
-from ..backend import triton_usable
+from ._common import LAUNCHES, check_dtype, device_guard, fp32_allows_tf32, require_usable
+from .conv import conv_bias_act_fwd
 
 _BLOCK_P = 32  # output pixels per program
 
@@ -108,20 +106,9 @@ def _check_x(x, name):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"resnet_fast {name}: x must be a 4-D [N, C, H, W] tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"resnet_fast {name}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_dtype(x, f"resnet_fast {name}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"resnet_fast {name}: x must have H, W >= 1, got {tuple(x.shape)}")
-
-
-def _require_triton(x, name):
-    if not triton_usable(x.device):
-        raise RuntimeError(f"resnet_fast Triton {name} cannot run on {x.device.type} tensors: it needs CUDA, "
-                           "or TRITON_INTERPRET=1 set before triton is imported")
-
-
-def _device_guard(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _pool_out_shape(x, kind):
@@ -137,7 +124,7 @@ def _empty_cl(shape, x):
 
 def _pool_fwd(x, kind):
     name = "max_pool_3x3s2" if kind == "max" else "avg_pool_2x2_ceil"
-    _require_triton(x, name)
+    require_usable(x, f"resnet_fast Triton {name}")
     n, c, ho, wo = _pool_out_shape(x, kind)
     out = _empty_cl((n, c, ho, wo), x)
     p = n * ho * wo
@@ -145,7 +132,7 @@ def _pool_fwd(x, kind):
         return out
     kernel = _max_pool_3x3s2_fwd_kernel if kind == "max" else _avg_pool_2x2_ceil_fwd_kernel
     block_c = _block_c(c)
-    with _device_guard(x):
+    with device_guard(x):
         kernel[(triton.cdiv(p, _BLOCK_P), triton.cdiv(c, block_c))](
             x, out, p, c, x.shape[2], x.shape[3], ho, wo, *x.stride(),
             BLOCK_P=_BLOCK_P, BLOCK_C=block_c)
@@ -153,23 +140,15 @@ def _pool_fwd(x, kind):
     return out
 
 
-def max_pool_3x3s2_fwd(x):
-    return _pool_fwd(x, "max")
-
-
-def avg_pool_2x2_ceil_fwd(x):
-    return _pool_fwd(x, "avg")
-
-
 def global_avg_pool_fwd(x):
     """[N, C, H, W] -> [N, C] mean over H, W (fp32 sum, x's dtype out)."""
-    _require_triton(x, "avg_pool_fc")
+    require_usable(x, "resnet_fast Triton avg_pool_fc")
     n, c, h, w = x.shape
     out = torch.empty((n, c), dtype=x.dtype, device=x.device)
     if n == 0 or c == 0:
         return out
     block_c = _block_c(c)
-    with _device_guard(x):
+    with device_guard(x):
         _global_avg_pool_fwd_kernel[(n, triton.cdiv(c, block_c))](
             x, out, c, h, w, *x.stride(), BLOCK_HW=16, BLOCK_C=block_c)
     LAUNCHES["global_avg_pool"] += 1
@@ -202,23 +181,11 @@ def avg_pool_fc_fwd(x, weight, bias):
     # fp32 uses TF32 iff torch's matmul setting allows it, as F.linear would.
     conv_bias_act_fwd(pooled[:, :, None, None], weight[:, :, None, None], bias.float(), None,
                       (1, 1), (0, 0), (1, 1), False, out=out[:, :, None, None],
-                      allow_tf32=_fp32_allows_tf32("matmul"))
+                      allow_tf32=fp32_allows_tf32("matmul"))
     return out
 
 
 # --- torch.library registration ------------------------------------------------------
-
-@torch.library.custom_op("resnet_fast::triton_max_pool_3x3s2", mutates_args=(), schema="(Tensor x) -> Tensor")
-def _max_pool_op(x):
-    _check_x(x, "max_pool_3x3s2")
-    return max_pool_3x3s2_fwd(x)
-
-
-@_max_pool_op.register_fake
-def _(x):
-    _check_x(x, "max_pool_3x3s2")
-    return _empty_cl(_pool_out_shape(x, "max"), x)
-
 
 def _save_x(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
@@ -232,28 +199,28 @@ def _max_pool_backward(ctx, grad):
     return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *args, indices)
 
 
-_max_pool_op.register_autograd(_max_pool_backward, setup_context=_save_x)
-
-
-@torch.library.custom_op("resnet_fast::triton_avg_pool_2x2_ceil", mutates_args=(),
-                         schema="(Tensor x) -> Tensor")
-def _avg_pool_op(x):
-    _check_x(x, "avg_pool_2x2_ceil")
-    return avg_pool_2x2_ceil_fwd(x)
-
-
-@_avg_pool_op.register_fake
-def _(x):
-    _check_x(x, "avg_pool_2x2_ceil")
-    return _empty_cl(_pool_out_shape(x, "avg"), x)
-
-
 def _avg_pool_backward(ctx, grad):
     (x,) = ctx.saved_tensors
     return torch.ops.aten.avg_pool2d_backward(grad, x, [2, 2], [2, 2], [0, 0], True, False, None)
 
 
-_avg_pool_op.register_autograd(_avg_pool_backward, setup_context=_save_x)
+def _register_window_pool(name, kind, backward):
+    """resnet_fast::triton_<name>(Tensor x) -> Tensor, with its fake kernel and autograd."""
+    @torch.library.custom_op(f"resnet_fast::triton_{name}", mutates_args=(), schema="(Tensor x) -> Tensor")
+    def op(x):
+        _check_x(x, name)
+        return _pool_fwd(x, kind)
+
+    @op.register_fake
+    def _(x):
+        _check_x(x, name)
+        return _empty_cl(_pool_out_shape(x, kind), x)
+
+    op.register_autograd(backward, setup_context=_save_x)
+
+
+_register_window_pool("max_pool_3x3s2", "max", _max_pool_backward)
+_register_window_pool("avg_pool_2x2_ceil", "avg", _avg_pool_backward)
 
 
 @torch.library.custom_op("resnet_fast::triton_avg_pool_fc", mutates_args=(),
