@@ -115,6 +115,55 @@ def test_missing_or_malformed_data_is_one_clear_line(capsys, tmp_path, make, spe
     assert not (tmp_path / "out").exists()
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted CIFAR-10 batch would do to plain pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+class _CodecBomb:
+    def __reduce__(self):
+        import codecs
+        return codecs.encode, ("x" * 10, "rot13")  # _codecs.encode is admitted for latin1 bytes only
+
+
+@pytest.mark.parametrize("payload", ["top", "nested", "codec"])
+def test_malicious_cifar_pickle_is_refused_without_running_it(capsys, tmp_path, payload):
+    import pickle
+
+    root = tmp_path / "data"
+    write_cifar10(root)
+    marker = tmp_path / "PWNED"
+    evil = {"top": lambda: _RunsCode(marker),
+            "nested": lambda: {"data": np.zeros((8, 3072), np.uint8), "labels": [0] * 7 + [_RunsCode(marker)]},
+            "codec": lambda: {"data": _CodecBomb(), "labels": [0] * 8}}[payload]()
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(evil, protocol=2))
+    rc, out, err = train(capsys, *FAST, "--data", f"cifar10:{root}", "--output-dir", tmp_path / "out")
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "data_batch_3 is unreadable (UnpicklingError: " in err
+    assert ("refused posix.system" in err or "refused os.system" in err) if payload != "codec" else "rot13" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_pickles_of_numpy_1_and_2_load(protocol):
+    """The official batches were pickled by numpy 1.x (numpy.core.multiarray) as protocol 2;
+    protocol 5 rebuilds arrays with numpy's _frombuffer."""
+    import io
+    import pickle
+
+    labels, pixels = [3, 1], np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    blob = pickle.dumps({"data": pixels, "labels": labels, "batch_label": b"x"}, protocol=protocol)
+    blob = blob.replace(b"numpy._core.", b"numpy.core.") if protocol == 2 else blob
+    entry = data._CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    assert entry["labels"] == labels and np.array_equal(entry["data"], pixels) and entry["batch_label"] == b"x"
+
+
 def test_synthetic_data_is_fixed_and_balanced():
     a, b = data.SyntheticImages(16, True), data.SyntheticImages(16, True)
     val = data.SyntheticImages(16, False)

@@ -9,7 +9,12 @@ Writes last.pt and best.pt (see checkpoint.py), metrics.csv and curves.png to
 --output-dir; prints a progress bar on stderr and one line per epoch on stdout.
 Exit codes: 0 done, 2 bad flags / data / checkpoint (one line on stderr),
 3 the loss became NaN or infinite (the last good checkpoint is kept),
-130 interrupted.
+143 / 130 stopped by SIGTERM / SIGINT (128 + the signal number): the first
+signal finishes the current step, writes last.pt there and prints where it
+stopped and how to resume (under torchrun every rank stops after the same
+step); a second one kills the process at once with the same status, leaving
+last.pt as the last complete save (see stop.py). A Ctrl-C before training
+starts exits with 130 too.
 """
 from __future__ import annotations
 
@@ -118,8 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         say(f"  resuming {cfg.resume}: epoch {p['epoch'] + 1}, batch {p['batch']}/{steps}, step {p['global_step']}")
     if cfg.sync_bn and not ctx.distributed:
         say("note: --sync-bn has no effect in a single process")
-    trainer.fit()
-    return 0
+    return trainer.fit()
 
 
 def run(args: argparse.Namespace) -> int:

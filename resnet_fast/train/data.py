@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from . import stop
 from .errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,9 +93,48 @@ class SyntheticImages(Dataset):
 
 # --- CIFAR-10 ----------------------------------------------------------------
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 batch holds: dicts, lists, tuples, bytes, str,
+    ints and numpy arrays. Any other global (os.system, builtins.eval, ...) is
+    refused before it can be called, so a crafted file cannot run code: plain
+    pickle.load, which torchvision uses, would run it."""
+
+    @staticmethod
+    def _latin1_bytes(text, encoding="latin1"):
+        # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1")
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+        return text.encode("latin1")
+
+    def find_class(self, module: str, name: str):
+        multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+        numeric = np._core.numeric if hasattr(np, "_core") else np.core.numeric
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): self._latin1_bytes,
+            **{(m, "_reconstruct"): multiarray._reconstruct
+               for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
+            **{(m, "_frombuffer"): numeric._frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
+                                         "bytes, str, ints and numpy arrays")
+        return allowed[(module, name)]
+
+
+def _load_cifar_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        entry = _CifarUnpickler(f, encoding="latin1").load()  # py2 pickles, as torchvision reads them
+    if not isinstance(entry, dict):
+        raise pickle.UnpicklingError(f"a {type(entry).__name__}, not a dict")
+    return entry
+
+
 class Cifar10(Dataset):
-    """CIFAR-10 read from the python pickles (torchvision's CIFAR10 also checks
-    the official md5 sums, which rejects any other copy of the layout)."""
+    """CIFAR-10 read from the python pickles with a restricted unpickler
+    (torchvision's CIFAR10 also checks the official md5 sums, which rejects any
+    other copy of the layout)."""
 
     FOLDER = "cifar-10-batches-py"
 
@@ -111,8 +151,7 @@ class Cifar10(Dataset):
         images, labels = [], []
         for name in names:
             try:
-                with open(base / name, "rb") as f:
-                    entry = pickle.load(f, encoding="latin1")  # py2 pickles, as torchvision reads them
+                entry = _load_cifar_batch(base / name)
                 images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(int(v) for v in entry["labels"])
             except Exception as exc:
@@ -228,7 +267,8 @@ class ShardSampler(Sampler[int]):
 def make_loaders(splits: Splits, per_rank_batch: int, world_size: int, rank: int, seed: int,
                  workers: int, pin_memory: bool):
     sampler = ResumableSampler(splits.train, world_size, rank, seed)
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                  worker_init_fn=stop.ignore_in_worker if workers > 0 else None)
     # drop_last: every step sees a full batch (BatchNorm needs > 1 sample; DDP
     # ranks need the same number of steps).
     train = DataLoader(splits.train, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **common)

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, plots
+from . import checkpoint, plots, stop
 from .distributed import Context
 from .errors import ConfigError, DivergedError
 from .options import Config
 from .progress import Progress
 
-# Steps between host syncs (progress bar, NaN check). Under DDP the sync is a
-# collective, so it happens at the same step on every rank.
+# Steps between host syncs (progress bar, NaN check and, under DDP, the stop
+# signal). Under DDP the sync is a collective, so it happens at the same step
+# on every rank.
 SYNC_EVERY = 10
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
@@ -71,6 +72,7 @@ class Trainer:
         self.out: Path = cfg.output_dir
         self.last_saved: str | None = None  # where this run's last.pt stands, for the divergence message
         self.curves_note_shown = False
+        self.stop = stop.StopRequest(announce=ctx.is_main)
 
     # --- state ---------------------------------------------------------------
 
@@ -133,33 +135,67 @@ class Trainer:
                 else "no checkpoint of this run was written")
         raise DivergedError(f"{what}; stopping: {kept}. Try a lower --lr or --amp none")
 
-    def _train_epoch(self) -> tuple[bool, float, int]:
-        """Train to the end of the epoch or to --max-steps.
-        Returns (cut short by --max-steps, seconds, images trained)."""
+    def _stop_signal(self, sync: bool) -> int | None:
+        """The signal to stop on, or None. One process: checked after every step.
+        Under DDP the ranks agree at sync points (the largest signal number wins),
+        so they all stop after the same step."""
+        if not self.ctx.distributed:
+            return self.stop.signum
+        if not sync:
+            return None
+        flag = torch.tensor(float(self.stop.signum or 0), device=self.ctx.device)
+        return int(self.ctx.all_reduce_max(flag).item()) or None
+
+    def _save_position(self, local_sum: torch.Tensor) -> None:
+        """last.pt at the current step, mid-epoch (--save-every, a stop signal): the
+        epoch's loss so far moves into progress, which the checkpoint carries."""
+        p = self.progress
+        p["loss_sum"] += self._global_loss_sum(local_sum, f"in epoch {p['epoch'] + 1} by batch {p['batch']}")
+        local_sum.zero_()
+        if self.ctx.is_main:
+            self._save_last(self._payload(checkpoint.capture_rng()))
+
+    def _train_epoch(self) -> tuple[str | int, float, int]:
+        """Train to the end of the epoch, to --max-steps or to a stop signal.
+        Returns (why it ended: "end", "max_steps" or the signal's number, seconds, images trained)."""
         cfg, p, loaders = self.cfg, self.progress, self.loaders
         loaders.sampler.start_epoch(p["epoch"], skip=p["batch"] * loaders.per_rank_batch)
         bar = Progress(f"epoch {p['epoch'] + 1}/{cfg.epochs}", loaders.steps_per_epoch, self.ctx.is_main)
         self.model.train()
         local_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        start, steps, cut_short = time.perf_counter(), 0, False
+        start, steps, ended = time.perf_counter(), 0, "end"
         for x, y in loaders.train:
             local_sum += self._step(*self._to_device(x, y))
             steps += 1
             p["batch"] += 1
             p["global_step"] += 1
-            cut_short = cfg.max_steps is not None and p["global_step"] >= cfg.max_steps \
-                and p["batch"] < loaders.steps_per_epoch
-            if (steps == 1 or steps % SYNC_EVERY == 0) and not cut_short:
+            sync = steps == 1 or steps % SYNC_EVERY == 0
+            signum = self._stop_signal(sync)
+            if cfg.max_steps is not None and p["global_step"] >= cfg.max_steps \
+                    and p["batch"] < loaders.steps_per_epoch:
+                ended = "max_steps"
+            if signum is not None:
+                ended = signum
+            if (sync or signum is not None) and ended != "max_steps":
                 where = f"in epoch {p['epoch'] + 1} by batch {p['batch']}"
                 loss = (p["loss_sum"] + self._global_loss_sum(local_sum, where)) / p["batch"]
                 bar.update(p["batch"], loss, steps * cfg.batch_size / (time.perf_counter() - start))
-            if cut_short:
+            save_due = cfg.save_every is not None and p["global_step"] % cfg.save_every == 0 \
+                and p["batch"] < loaders.steps_per_epoch and ended == "end"  # else the epoch's end saves
+            if signum is not None or save_due:
+                self._save_position(local_sum)
+            if ended != "end":
                 break
+        else:  # the epoch's last batch: the ranks' last chance to agree on a stop before validation
+            signum = self._stop_signal(sync=True)
+            if signum is not None:
+                ended = signum
+                self._save_position(local_sum)
         p["loss_sum"] += self._global_loss_sum(local_sum, f"in epoch {p['epoch'] + 1} by batch {p['batch']}")
         elapsed, images = time.perf_counter() - start, steps * cfg.batch_size
         bar.update(p["batch"], p["loss_sum"] / max(p["batch"], 1), images / max(elapsed, 1e-9))
         bar.close()
-        return cut_short, elapsed, images
+        return ended, elapsed, images
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[float, float, float]:
@@ -188,11 +224,14 @@ class Trainer:
         history = [r for r in self.progress["history"] if r["epoch"] != row["epoch"]]
         self.progress["history"] = history + [row]
 
-    def _write(self, rng: dict, improved: bool) -> None:
+    def _save_last(self, payload: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        payload = self._payload(rng)
         checkpoint.save(self.out / "last.pt", payload)
         self.last_saved = self._position()
+
+    def _write(self, rng: dict, improved: bool) -> None:
+        payload = self._payload(rng)
+        self._save_last(payload)
         if improved:
             checkpoint.save(self.out / "best.pt", payload)
         plots.write_metrics(self.out / "metrics.csv", self.progress["history"])
@@ -201,15 +240,36 @@ class Trainer:
             self.say(f"note: curves.png not written: {skipped}")
             self.curves_note_shown = True
 
-    def fit(self) -> None:
+    def _stopped(self, signum: int) -> int:
+        """The one line that says where a signal stopped the run; returns the exit code."""
+        p, last = self.progress, self.out / "last.pt"
+        where = (f"after step {p['global_step']} (epoch {p['epoch'] + 1}, batch {p['batch']}/"
+                 f"{self.loaders.steps_per_epoch})" if p["batch"] else
+                 f"at the end of epoch {p['epoch']} (step {p['global_step']})")
+        flags = f"--resume {last}" + (f" --save-every {self.cfg.save_every}" if self.cfg.save_every else "")
+        command = (f"torchrun <your launch flags> -m resnet_fast train {flags}" if self.ctx.distributed
+                   else f"resnet-fast train {flags}")
+        self.say(f"stopped by {stop.name(signum)} {where}; {last} holds this position. Resume with: {command}",
+                 flush=True)
+        return stop.exit_code(signum)
+
+    def fit(self) -> int:
+        """Train to the end, to --max-steps or to a stop signal; returns the exit code."""
+        with self.stop:
+            return self._fit()
+
+    def _fit(self) -> int:
         cfg, p = self.cfg, self.progress
         if cfg.max_steps is not None and p["global_step"] >= cfg.max_steps:
             raise ConfigError(f"--max-steps {cfg.max_steps}: the run is already at step {p['global_step']}")
         if p["epoch"] >= cfg.epochs:
             self.say(f"nothing to do: the run has finished its {cfg.epochs} epochs")
-            return
+            return 0
         while p["epoch"] < cfg.epochs:
-            cut_short, elapsed, images = self._train_epoch()
+            ended, elapsed, images = self._train_epoch()
+            if isinstance(ended, int):
+                return self._stopped(ended)
+            cut_short = ended == "max_steps"
             # The RNG state to continue from: mid-epoch that is now, before the
             # extra validation; at an epoch end it is after validation.
             rng = checkpoint.capture_rng() if cut_short else None
@@ -234,4 +294,8 @@ class Trainer:
             if cfg.max_steps is not None and p["global_step"] >= cfg.max_steps:
                 if p["epoch"] < cfg.epochs:
                     self.say(f"stopped at --max-steps {cfg.max_steps}; continue with --resume {self.out / 'last.pt'}")
-                return
+                return 0
+            signum = self._stop_signal(sync=True) if p["epoch"] < cfg.epochs else None
+            if signum is not None:  # it came during validation or the epoch's checkpoint
+                return self._stopped(signum)
+        return 0

@@ -8,7 +8,8 @@ A resumed run keeps its training settings: typing one that differs from the
 checkpoint is an error rather than a silently different run. Allowed to change:
 --epochs (only with --schedule none: OneCycle and cosine are laid out over the
 original length), the data root (not its kind), and the run-only settings
-(--workers, --device, --channels-last, --compile, --max-steps, --output-dir).
+(--workers, --device, --channels-last, --compile, --max-steps, --save-every,
+--output-dir).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Config:
     resume: Path | None
     overwrite: bool
     max_steps: int | None
+    save_every: int | None
 
     def saved(self) -> dict:
         """The settings stored in a checkpoint (primitives only)."""
@@ -142,6 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--max-steps", type=_positive_int,
                        help="stop after this many optimizer steps in total (smoke tests); "
                        "the checkpoint then resumes mid-epoch")
+    train.add_argument("--save-every", type=_positive_int, metavar="N",
+                       help="also write last.pt every N optimizer steps, mid-epoch (resumes exactly); "
+                       "a SIGTERM or SIGINT always saves the step it stops at")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="auto (default: cuda if available), cpu, cuda or cuda:N")
@@ -202,4 +207,5 @@ def resolve(args: argparse.Namespace, saved: dict | None = None) -> Config:
     else:
         default_out = Path("runs") / (cfg["recipe"] or cfg["arch"])
     return Config(**cfg, output_dir=getattr(args, "output_dir", None) or default_out, resume=resume,
-                  overwrite=bool(getattr(args, "overwrite", None)), max_steps=getattr(args, "max_steps", None))
+                  overwrite=bool(getattr(args, "overwrite", None)), max_steps=getattr(args, "max_steps", None),
+                  save_every=getattr(args, "save_every", None))
