@@ -12,8 +12,9 @@ Contenders:
   triton    resnet_fast's Triton kernels (CUDA only: the CPU interpreter is not a contender)
 GB/s counts the bytes the fused algorithm must move (bn_act fwd reads x twice:
 statistics then normalize; its backward reads grad, out and x twice), and
-"of_copy" divides by this device's measured copy bandwidth (clone of a large
-tensor, read + write). Times are medians over rounds in which the contenders
+"of_copy" divides by this device's measured copy bandwidth (a large copy_, read +
+write): the fraction of a memory-bound op's ceiling each contender reaches. Both
+are printed per contender and recorded per result. Times are medians over rounds in which the contenders
 take turns (the minimum is recorded too: on a shared machine it is the
 steadier number). Results: benchmarks/results/ops_<device>_<date>.json.
 
@@ -187,8 +188,9 @@ def main(argv=None):
                                         "GBps": gbps, "of_copy": gbps / copy_gbps})
                     best = min(times, key=lambda n: times[n].median)
                     print(f"{op:15s} {'x'.join(map(str, shape)):>15s} {dname} {lname}  " +
-                          "  ".join(f"{n} {t.median * 1e3:.3f}ms" for n, t in times.items()) + f"  best: {best}",
-                          file=sys.stderr)
+                          "  ".join(f"{n} {t.median * 1e3:.3f}ms {nbytes / t.median / 1e9:.0f}GB/s "
+                                    f"({nbytes / t.median / 1e9 / copy_gbps:.0%} of copy)" for n, t in times.items())
+                          + f"  best: {best}", file=sys.stderr)
     record = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.h"
 #include "ops_impl.h"
+#include "tiling.h"
 
 // Written by setup.py (build dir, on the include path); a JIT build has none.
 #if __has_include("resnet_fast_build_info.h")
@@ -26,6 +27,21 @@ PyObject* PyInit__C(void) {
 namespace resnet_fast {
 
 std::string build_info() { return RESNET_FAST_BUILD_INFO; }
+
+// The tiling the CUDA BN kernels would use for an x of this shape, dtype and
+// layout on a GPU with `sms` SMs, checked on the host by walking every block and
+// thread through the kernels' index functions (tiling.h). Tests call it on CPU.
+std::string bn_tiling(c10::IntArrayRef shape, at::ScalarType dtype, bool channels_last, bool aligned,
+                      int64_t sms) {
+  TORCH_CHECK(!channels_last || shape.size() == 4, "resnet_fast: channels_last needs a 4-D shape");
+  const auto x = at::empty(shape, at::TensorOptions().device(at::kMeta).dtype(dtype).memory_format(
+                                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const auto v = channel_view(x, kernel_format(x));
+  const int elem = static_cast<int>(x.element_size());
+  const auto t = tiling::plan(v.outer, v.channels, v.inner, aligned ? 16 / elem : 1, elem, sms);
+  const auto problem = tiling::check(t);
+  return tiling::describe(t) + (problem.empty() ? "" : " ERROR: " + problem);
+}
 
 TORCH_LIBRARY(resnet_fast, m) {
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor");
@@ -49,6 +65,7 @@ TORCH_LIBRARY(resnet_fast, m) {
       "bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
   m.def("_build_info() -> str", &build_info);
+  m.def("_bn_tiling(int[] shape, ScalarType dtype, bool channels_last, bool aligned, int sms) -> str", &bn_tiling);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { impl::register_impls<CpuKernels>(m); }

@@ -21,6 +21,48 @@ KERNEL_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.floa
                  pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)]
 
 
+# Shapes for the CUDA parity tests, each with the tiling csrc/tiling.h must pick for it (vector
+# accesses or not; planes packed by whole channels ("group") or split ("pieces")), which
+# cuda_tiling() checks, so that every path of the CUDA BN kernels runs in some case.
+NCHW, NHWC = torch.contiguous_format, torch.channels_last
+CUDA_TILING_CASES = [
+    ((32, 64, 56, 56), NHWC, "vector group"),   # ResNet-sized: many row blocks
+    ((8, 2048, 7, 7), NHWC, "vector group"),    # 64 channels to a tile, 32 tiles
+    ((16, 256, 14, 14), NCHW, "vector group"),  # 14x14 planes, 10 to a tile
+    ((8, 64, 7, 7), NCHW, "vector group"),      # 7x7 planes packed side by side
+    ((4, 24, 7, 7), NCHW, "vector group"),      # the last tile half full
+    ((4, 5, 7, 8), NCHW, "vector group"),       # odd C on the vector path
+    ((5, 64, 1, 1), NCHW, "vector group"),      # one column per channel
+    ((8, 64, 56, 56), NCHW, "vector pieces"),   # a plane split over tiles
+    ((2, 64, 112, 112), NCHW, "vector pieces"),  # two rows only
+    ((3, 7, 7, 7), NCHW, "scalar group"),       # C * 49 % 8 != 0
+    ((3, 3, 7, 5), NHWC, "scalar group"),       # C % 8 != 0
+    ((2, 5, 3, 3), NCHW, "scalar group"),
+]
+
+
+def every_cuda_tiling(families=FAMILIES):
+    """Parametrize a GPU test over (family, dtype, shape, fmt, path): CUDA_TILING_CASES."""
+    def decorate(test):
+        test = pytest.mark.parametrize("shape,fmt,path", CUDA_TILING_CASES)(test)
+        test = pytest.mark.parametrize("dtype", DTYPES)(test)
+        return pytest.mark.gpu(pytest.mark.parametrize("family", families)(test))
+    return decorate
+
+
+def cuda_family(family: str, shape, dtype, fmt, path: str) -> Family:
+    """Family(family, "cuda"), after checking that the extension's CUDA kernels tile an aligned x
+    of this shape as `path` ("vector|scalar group|pieces") on this GPU."""
+    ops = Family(family, "cuda")
+    if family == "ext":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        text = torch.ops.resnet_fast._bn_tiling(list(shape), dtype, fmt == NHWC, True, sms)
+        assert "ERROR" not in text, text
+        assert ("scalar" if text.startswith("vec=1 ") else "vector") + \
+            (" group" if "group=" in text else " pieces") == path, text
+    return ops
+
+
 def every_family_dtype_layout(test):
     """Parametrize `test` over (device, family, dtype, fmt): the cases every op family is held to."""
     for name, values in (("fmt", FORMATS), ("dtype", DTYPES), ("family", FAMILIES), ("device", DEVICES)):

@@ -1,8 +1,16 @@
 // CUDA kernels for the resnet_fast ops and their registration for the CUDA
 // dispatch key. Semantics (checks, formats, outputs) live in ops_impl.h; this
 // file only supplies CudaKernels. Every launch goes to the current stream of
-// x's device (ops_impl.h holds a CUDAGuard). Elementwise kernels move 16 bytes
-// per access when pointers are aligned and the channel structure allows it.
+// x's device (ops_impl.h holds a CUDAGuard).
+//
+// BatchNorm kernels (scale_bias_act, the per-channel sums, the backward
+// elementwise pass) follow tiling.h: each thread owns 8 (fp16/bf16), 4 (fp32)
+// or 2 (fp64) consecutive columns of x's [rows, C * inner] view and walks rows,
+// so every layout (channels_last, NCHW with large planes, NCHW 14x14 and 7x7
+// planes packed side by side) moves 16 bytes per access when pointers are
+// aligned; channels and per-channel parameters are fixed per thread and held in
+// registers; the row loop only adds offsets and keeps kRowsPerThread loads in
+// flight. add_relu / relu_grad are flat 16-byte elementwise loops.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h drags in cuBLAS/cuSPARSE
 // headers that a bare toolkit lacks, and compiles slower.
 #include <ATen/ATen.h>
@@ -21,11 +29,12 @@
 #include <type_traits>
 
 #include "../ops_impl.h"
+#include "../tiling.h"
 
 namespace resnet_fast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = tiling::kThreads;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -52,12 +61,6 @@ __device__ __forceinline__ T mask_f(T g, T out) {
   return out > T(0) ? g : T(0);
 }
 
-// Channel of element i in the two kernel layouts.
-template <bool CL>
-__device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t inner) {
-  return CL ? i % C : (i / inner) % C;
-}
-
 __device__ __forceinline__ int64_t global_thread() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -70,6 +73,7 @@ __device__ __forceinline__ int64_t grid_threads() {
 template <typename scalar_t, int VEC>
 __global__ void add_relu_kernel(const scalar_t* x, const scalar_t* r, scalar_t* out, int64_t packs) {
   using acc_t = at::opmath_type<scalar_t>;
+#pragma unroll 1  // unrolled, the loop would need its trip count: a 64-bit division
   for (int64_t p = global_thread(); p < packs; p += grid_threads()) {
     const auto a = load_pack<VEC>(x + p * VEC);
     const auto b = load_pack<VEC>(r + p * VEC);
@@ -87,6 +91,7 @@ template <typename scalar_t, int VEC>
 __global__ void relu_grad_kernel(const scalar_t* g, const scalar_t* out, scalar_t* grad,
                                  int64_t packs) {
   using acc_t = at::opmath_type<scalar_t>;
+#pragma unroll 1  // unrolled, the loop would need its trip count: a 64-bit division
   for (int64_t p = global_thread(); p < packs; p += grid_threads()) {
     const auto a = load_pack<VEC>(g + p * VEC);
     const auto o = load_pack<VEC>(out + p * VEC);
@@ -100,82 +105,160 @@ __global__ void relu_grad_kernel(const scalar_t* g, const scalar_t* out, scalar_
   }
 }
 
-// out = act(x * scale[c] + shift[c] (+ residual)); the normalize pass of bn_forward too.
-template <typename scalar_t, int VEC, bool CL>
-__global__ void scale_bias_act_kernel(const scalar_t* x, const scalar_t* r,
-                                      const at::opmath_type<scalar_t>* __restrict__ scale,
-                                      const at::opmath_type<scalar_t>* __restrict__ shift,
-                                      scalar_t* out, int64_t packs, int64_t C, int64_t inner,
-                                      bool relu) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t p = global_thread(); p < packs; p += grid_threads()) {
-    const int64_t c0 = channel_of<CL>(p * VEC, C, inner);
-    const auto xv = load_pack<VEC>(x + p * VEC);
-    Pack<scalar_t, VEC> rv;
-    if (r != nullptr) rv = load_pack<VEC>(r + p * VEC);
-    Pack<scalar_t, VEC> o;
+// ---- BatchNorm: tiled kernels (see tiling.h) ------------------------------
+
+using tiling::Tiling;
+
+// 16-byte loads each thread issues before using any: a round covers
+// kLoadsInFlight / streams rows (8 for the statistics, 4 for scale_bias_act,
+// 2 for the backward passes, which read grad, x and out); the kernels' registers
+// stay within the 128 that two 256-thread blocks per SM allow.
+constexpr int kLoadsInFlight = 8;
+
+// use(offset, load(offset)) for every row this thread visits, offset = row *
+// row_len + col. All loads of a round are issued before its uses, which also
+// keeps in-place ops (out == x) correct: a thread's rows are its own.
+template <int kStreams, class Load, class Use>
+__device__ __forceinline__ void for_each_row(const Tiling& t, int64_t col, const Load& load, const Use& use) {
+  constexpr int kRows = kLoadsInFlight / kStreams;
+  const int64_t stride = tiling::row_stride(t);
+  const int64_t step = stride * t.row_len;
+  int64_t r = tiling::first_row(t, blockIdx.y, threadIdx.y);
+  int64_t off = r * t.row_len + col;
+  // unroll 1: a compiler-unrolled loop needs its trip count, a 64-bit division.
+#pragma unroll 1
+  for (; r + (kRows - 1) * stride < t.rows; r += kRows * stride, off += kRows * step) {
+    decltype(load(off)) v[kRows];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int64_t c = CL ? c0 + k : c0;
-      acc_t y = static_cast<acc_t>(xv.v[k]) * scale[c] + shift[c];
-      if (r != nullptr) y += static_cast<acc_t>(rv.v[k]);
-      o.v[k] = static_cast<scalar_t>(relu ? relu_f(y) : y);
-    }
-    store_pack<VEC>(out + p * VEC, o);
+    for (int u = 0; u < kRows; ++u) v[u] = load(off + u * step);
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) use(off + u * step, v[u]);
   }
+#pragma unroll 1
+  for (; r < t.rows; r += stride, off += step) use(off, load(off));
+}
+
+template <typename scalar_t, int VEC>
+struct XR {
+  Pack<scalar_t, VEC> x, r;
+};
+
+// out = act(x * scale[c] + shift[c] (+ residual)); the normalize pass of bn_forward too.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(tiling::kThreads, 2)
+    scale_bias_act_kernel(const scalar_t* x, const scalar_t* r,
+                          const at::opmath_type<scalar_t>* __restrict__ scale,
+                          const at::opmath_type<scalar_t>* __restrict__ shift, scalar_t* out,
+                          Tiling t, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t col;
+  int32_t chan[VEC];
+  if (!tiling::thread_columns<VEC>(t, blockIdx.x, threadIdx.x, col, chan)) return;
+  acc_t a[VEC], b[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    a[k] = scale[chan[k]];
+    b[k] = shift[chan[k]];
+  }
+  for_each_row<2>(
+      t, col,
+      [&](int64_t off) {
+        XR<scalar_t, VEC> in;
+        in.x = load_pack<VEC>(x + off);
+        if (r != nullptr) in.r = load_pack<VEC>(r + off);
+        return in;
+      },
+      [&](int64_t off, const XR<scalar_t, VEC>& in) {
+        Pack<scalar_t, VEC> o;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          acc_t y = static_cast<acc_t>(in.x.v[k]) * a[k] + b[k];
+          if (r != nullptr) y += static_cast<acc_t>(in.r.v[k]);
+          o.v[k] = static_cast<scalar_t>(relu ? relu_f(y) : y);
+        }
+        store_pack<VEC>(out + off, o);
+      });
+}
+
+template <typename scalar_t, int VEC>
+struct GXO {
+  Pack<scalar_t, VEC> g, x, o;
+};
+
+template <typename scalar_t, int VEC>
+__device__ __forceinline__ GXO<scalar_t, VEC> load_gxo(const scalar_t* g, const scalar_t* x,
+                                                       const scalar_t* out, bool relu, int64_t off) {
+  GXO<scalar_t, VEC> in;
+  in.g = load_pack<VEC>(g + off);
+  in.x = load_pack<VEC>(x + off);
+  if (relu) in.o = load_pack<VEC>(out + off);
+  return in;
 }
 
 // grad_x = a[c] * dz + b[c] * (x - mean[c]) + d[c], grad_residual = dz, where
 // dz = grad_out masked by out > 0 when the op had a ReLU. coef = [a; b; d].
-template <typename scalar_t, int VEC, bool CL>
-__global__ void bn_backward_elementwise_kernel(
-    const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
-    const at::opmath_type<scalar_t>* __restrict__ mean,
-    const at::opmath_type<scalar_t>* __restrict__ coef, scalar_t* grad_x, scalar_t* grad_r,
-    int64_t packs, int64_t C, int64_t inner, bool relu) {
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(tiling::kThreads, 2)
+    bn_backward_elementwise_kernel(const scalar_t* grad_out, const scalar_t* out, const scalar_t* x,
+                                   const at::opmath_type<scalar_t>* __restrict__ mean,
+                                   const at::opmath_type<scalar_t>* __restrict__ coef,
+                                   scalar_t* grad_x, scalar_t* grad_r, Tiling t, bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t p = global_thread(); p < packs; p += grid_threads()) {
-    const int64_t c0 = channel_of<CL>(p * VEC, C, inner);
-    const auto gv = load_pack<VEC>(grad_out + p * VEC);
-    const auto xv = load_pack<VEC>(x + p * VEC);
-    Pack<scalar_t, VEC> ov;
-    if (relu) ov = load_pack<VEC>(out + p * VEC);
-    Pack<scalar_t, VEC> gx, gr;
+  int64_t col;
+  int32_t chan[VEC];
+  if (!tiling::thread_columns<VEC>(t, blockIdx.x, threadIdx.x, col, chan)) return;
+  acc_t m[VEC], a[VEC], b[VEC], d[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const int64_t c = CL ? c0 + k : c0;
-      acc_t dz = static_cast<acc_t>(gv.v[k]);
-      if (relu) dz = mask_f(dz, static_cast<acc_t>(ov.v[k]));
-      const acc_t xm = static_cast<acc_t>(xv.v[k]) - mean[c];
-      gx.v[k] = static_cast<scalar_t>(coef[c] * dz + coef[C + c] * xm + coef[2 * C + c]);
-      gr.v[k] = static_cast<scalar_t>(dz);
-    }
-    store_pack<VEC>(grad_x + p * VEC, gx);
-    if (grad_r != nullptr) store_pack<VEC>(grad_r + p * VEC, gr);
+  for (int k = 0; k < VEC; ++k) {
+    m[k] = mean[chan[k]];
+    a[k] = coef[chan[k]];
+    b[k] = coef[t.channels + chan[k]];
+    d[k] = coef[2 * t.channels + chan[k]];
   }
+  for_each_row<3>(
+      t, col, [&](int64_t off) { return load_gxo<scalar_t, VEC>(grad_out, x, out, relu, off); },
+      [&](int64_t off, const GXO<scalar_t, VEC>& in) {
+        Pack<scalar_t, VEC> gx, gr;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          acc_t dz = static_cast<acc_t>(in.g.v[k]);
+          if (relu) dz = mask_f(dz, static_cast<acc_t>(in.o.v[k]));
+          gx.v[k] = static_cast<scalar_t>(a[k] * dz + b[k] * (static_cast<acc_t>(in.x.v[k]) - m[k]) + d[k]);
+          gr.v[k] = static_cast<scalar_t>(dz);
+        }
+        store_pack<VEC>(grad_x + off, gx);
+        if (grad_r != nullptr) store_pack<VEC>(grad_r + off, gr);
+      });
 }
 
 // ---- per-channel reductions -------------------------------------------------
-// Each Terms type maps the VEC elements at index i (and their channels'
-// centers) to (q1, q2); the kernels below sum both per channel into partials
-// [splits, C, 2], and a finalize kernel adds the splits in fp64.
+// Each Terms type loads a row's VEC elements and adds their (q1, q2) to a
+// thread's per-column sums, given their channels' centers; channel_sums_kernel
+// sums both per channel into partials [splits, C, 2], and a finalize kernel
+// adds the splits in fp64.
 
 // Batch statistics: q1 = x - K, q2 = (x - K)^2, K = the channel's first value
-// (a shift that keeps the one-pass variance well conditioned).
+// (a shift that keeps the one-pass variance well conditioned; the CPU kernels
+// use the same).
 template <typename scalar_t>
 struct StatsTerms {
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kStreams = 1;
   const scalar_t* x;
   int64_t first_stride;  // channel c starts at x[c * first_stride]
   __device__ acc_t center(int64_t c) const { return static_cast<acc_t>(x[c * first_stride]); }
   template <int VEC>
-  __device__ void terms(int64_t i, const acc_t (&ctr)[VEC], acc_t (&q1)[VEC],
-                        acc_t (&q2)[VEC]) const {
-    const auto v = load_pack<VEC>(x + i);
+  __device__ Pack<scalar_t, VEC> load(int64_t off) const {
+    return load_pack<VEC>(x + off);
+  }
+  template <int VEC>
+  __device__ void add(const Pack<scalar_t, VEC>& v, const acc_t (&ctr)[VEC], acc_t (&s1)[VEC],
+                      acc_t (&s2)[VEC]) const {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      q1[k] = static_cast<acc_t>(v.v[k]) - ctr[k];
-      q2[k] = q1[k] * q1[k];
+      const acc_t q = static_cast<acc_t>(v.v[k]) - ctr[k];
+      s1[k] += q;
+      s2[k] += q * q;
     }
   }
 };
@@ -184,6 +267,7 @@ struct StatsTerms {
 template <typename scalar_t>
 struct GradTerms {
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kStreams = 3;
   const scalar_t* grad_out;
   const scalar_t* out;
   const scalar_t* x;
@@ -191,134 +275,97 @@ struct GradTerms {
   bool relu;
   __device__ acc_t center(int64_t c) const { return mean[c]; }
   template <int VEC>
-  __device__ void terms(int64_t i, const acc_t (&ctr)[VEC], acc_t (&q1)[VEC],
-                        acc_t (&q2)[VEC]) const {
-    const auto g = load_pack<VEC>(grad_out + i);
-    const auto xv = load_pack<VEC>(x + i);
-    Pack<scalar_t, VEC> o;
-    if (relu) o = load_pack<VEC>(out + i);
+  __device__ GXO<scalar_t, VEC> load(int64_t off) const {
+    return load_gxo<scalar_t, VEC>(grad_out, x, out, relu, off);
+  }
+  template <int VEC>
+  __device__ void add(const GXO<scalar_t, VEC>& in, const acc_t (&ctr)[VEC], acc_t (&s1)[VEC],
+                      acc_t (&s2)[VEC]) const {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      acc_t dz = static_cast<acc_t>(g.v[k]);
-      if (relu) dz = mask_f(dz, static_cast<acc_t>(o.v[k]));
-      q1[k] = dz;
-      q2[k] = dz * (static_cast<acc_t>(xv.v[k]) - ctr[k]);
+      acc_t dz = static_cast<acc_t>(in.g.v[k]);
+      if (relu) dz = mask_f(dz, static_cast<acc_t>(in.o.v[k]));
+      s1[k] += dz;
+      s2[k] += dz * (static_cast<acc_t>(in.x.v[k]) - ctr[k]);
     }
   }
 };
 
-// Sum of a and b over a 1-D block (blockDim.x a multiple of 32); thread 0 holds the result.
 template <typename T>
-__device__ void block_sum2(T& a, T& b) {
-  __shared__ T sa[32], sb[32];
+__device__ __forceinline__ void warp_sum2(T& a, T& b) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, off);
-    b += __shfl_down_sync(0xffffffffu, b, off);
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) {
-    sa[warp] = a;
-    sb[warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = blockDim.x / 32;
-    a = lane < warps ? sa[lane] : T(0);
-    b = lane < warps ? sb[lane] : T(0);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, off);
-      b += __shfl_down_sync(0xffffffffu, b, off);
-    }
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
   }
 }
 
-// NCHW: block (blockIdx.x = channel, blockIdx.y = split) walks chunks of the
-// channel's N planes; consecutive threads read consecutive packs of a plane.
+// Per-channel sums of a tile's columns over this row block's rows, one partial
+// per (split, channel). Threads accumulate their VEC columns in registers; the
+// block then adds its rows (threadIdx.y) in shared memory laid out [sum][thread]
+// (consecutive threads, consecutive banks) and adds each channel's columns.
 template <int VEC, class Terms>
-__global__ void channel_sums_nchw_kernel(Terms t, int64_t N, int64_t C, int64_t inner,
-                                         typename Terms::acc_t* partial) {
+__global__ void __launch_bounds__(tiling::kThreads, 2)
+    channel_sums_kernel(Terms terms, Tiling t, typename Terms::acc_t* partial) {
   using acc_t = typename Terms::acc_t;
-  const int64_t c = blockIdx.x;
-  const int64_t span = static_cast<int64_t>(blockDim.x) * VEC;
-  const int64_t chunks = (inner + span - 1) / span;
-  acc_t ctr[VEC];
-  const acc_t k0 = t.center(c);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) ctr[k] = k0;
-  acc_t s1 = 0, s2 = 0;
-  for (int64_t u = blockIdx.y; u < N * chunks; u += gridDim.y) {
-    const int64_t n = u / chunks;
-    const int64_t j = (u - n * chunks) * span + static_cast<int64_t>(threadIdx.x) * VEC;
-    if (j < inner) {
-      acc_t q1[VEC], q2[VEC];
-      t.template terms<VEC>((n * C + c) * inner + j, ctr, q1, q2);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        s1 += q1[k];
-        s2 += q2[k];
-      }
-    }
-  }
-  block_sum2(s1, s2);
-  if (threadIdx.x == 0) {
-    partial[(static_cast<int64_t>(blockIdx.y) * C + c) * 2] = s1;
-    partial[(static_cast<int64_t>(blockIdx.y) * C + c) * 2 + 1] = s2;
-  }
-}
-
-// channels_last: threadIdx.x owns VEC consecutive channels, threadIdx.y (and
-// blockIdx.y) stride over rows; the blockDim.y partials are tree-summed in
-// shared memory. blockDim.y must be a power of two.
-template <int VEC, class Terms>
-__global__ void channel_sums_cl_kernel(Terms t, int64_t rows, int64_t C,
-                                       typename Terms::acc_t* partial) {
-  using acc_t = typename Terms::acc_t;
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);  // [blockDim.y][blockDim.x * VEC][2]
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  const bool active = c0 < C;
-  acc_t ctr[VEC], s1[VEC], s2[VEC];
+  // A row stride = 32 / VEC (mod 32) banks: the column reads below hit 32
+  // distinct banks for any 32 consecutive columns starting at a multiple of VEC.
+  constexpr int kStride = tiling::kThreads + 32 / VEC;
+  __shared__ acc_t sums[2 * VEC][kStride];
+  int64_t col = 0;
+  int32_t chan[VEC];
+  const bool active = tiling::thread_columns<VEC>(t, blockIdx.x, threadIdx.x, col, chan);
+  acc_t s1[VEC], s2[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     s1[k] = 0;
     s2[k] = 0;
-    ctr[k] = active ? t.center(c0 + k) : acc_t(0);
   }
   if (active) {
-    const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
-    for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
-         r += stride) {
-      acc_t q1[VEC], q2[VEC];
-      t.template terms<VEC>(r * C + c0, ctr, q1, q2);
+    acc_t ctr[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        s1[k] += q1[k];
-        s2[k] += q2[k];
-      }
-    }
+    for (int k = 0; k < VEC; ++k) ctr[k] = terms.center(chan[k]);
+    for_each_row<Terms::kStreams>(
+        t, col, [&](int64_t off) { return terms.template load<VEC>(off); },
+        [&](int64_t, const auto& in) { terms.template add<VEC>(in, ctr, s1, s2); });
   }
-  const int width = blockDim.x * VEC;
-  acc_t* mine = smem + (threadIdx.y * width + threadIdx.x * VEC) * 2;
+  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    mine[2 * k] = s1[k];
-    mine[2 * k + 1] = s2[k];
+    sums[k][tid] = s1[k];
+    sums[VEC + k][tid] = s2[k];
   }
   __syncthreads();
-  for (int half = blockDim.y / 2; half > 0; half >>= 1) {
+  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
     if (threadIdx.y < half) {
 #pragma unroll
-      for (int k = 0; k < 2 * VEC; ++k) mine[k] += mine[half * width * 2 + k];
+      for (int j = 0; j < 2 * VEC; ++j) sums[j][tid] += sums[j][tid + half * blockDim.x];
     }
     __syncthreads();
   }
-  if (threadIdx.y == 0 && active) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      partial[(static_cast<int64_t>(blockIdx.y) * C + c0 + k) * 2] = mine[2 * k];
-      partial[(static_cast<int64_t>(blockIdx.y) * C + c0 + k) * 2 + 1] = mine[2 * k + 1];
+  // The tile's column sums: local column l is sums[l % VEC][l / VEC] (and + VEC).
+  const tiling::Segments seg = tiling::tile_segments(t, blockIdx.x);
+  acc_t* out = partial + (static_cast<int64_t>(blockIdx.y) * t.pieces + seg.piece) * t.channels * 2;
+  if (seg.seg_len == 1) {  // one column per channel (channels_last)
+    for (unsigned l = tid; l < static_cast<unsigned>(seg.width); l += tiling::kThreads) {
+      out[(seg.first + l) * 2] = sums[l % VEC][l / VEC];
+      out[(seg.first + l) * 2 + 1] = sums[VEC + l % VEC][l / VEC];
+    }
+    return;
+  }
+  const unsigned warp = tid / 32, lane = tid % 32;
+  for (unsigned s = warp; s < static_cast<unsigned>(seg.count); s += tiling::kThreads / 32) {
+    const unsigned lo = s * seg.seg_len;
+    const unsigned hi = min(lo + seg.seg_len, static_cast<unsigned>(seg.width));
+    acc_t a = 0, b = 0;
+    for (unsigned l = lo + lane; l < hi; l += 32) {
+      a += sums[l % VEC][l / VEC];
+      b += sums[VEC + l % VEC][l / VEC];
+    }
+    warp_sum2(a, b);
+    if (lane == 0) {
+      out[(seg.first + s) * 2] = a;
+      out[(seg.first + s) * 2 + 1] = b;
     }
   }
 }
@@ -407,17 +454,19 @@ int64_t blocks_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, sm_count() * 16));
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) {
+    if (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
 
 // 16-byte packs when every pointer is 16-byte aligned and `unit` (elements that
 // share a channel run) divides evenly; otherwise scalar accesses.
 template <typename scalar_t>
 int pack_width(std::initializer_list<const void*> ptrs, int64_t unit) {
   constexpr int kMax = 16 / sizeof(scalar_t);
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return 1;
-  }
-  return unit % kMax == 0 ? kMax : 1;
+  return aligned16(ptrs) && unit % kMax == 0 ? kMax : 1;
 }
 
 template <typename scalar_t, class F>
@@ -430,51 +479,27 @@ void with_width(int width, const F& f) {
   }
 }
 
-template <class F>
-void with_layout(bool channels_last, const F& f) {
-  if (channels_last) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+// The tiling of x's view for a BN kernel that reads and writes `ptrs`.
+template <typename scalar_t>
+Tiling plan_for(const ChannelView& v, std::initializer_list<const void*> ptrs) {
+  constexpr int kMax = 16 / sizeof(scalar_t);
+  return tiling::plan(v.outer, v.channels, v.inner, aligned16(ptrs) ? kMax : 1, sizeof(scalar_t), sm_count());
 }
 
-// Launches the per-channel sums of `t` over the view; returns (partials, splits).
+dim3 grid_of(const Tiling& t) { return dim3(t.tiles, t.row_blocks); }
+dim3 block_of(const Tiling& t) { return dim3(t.bx, t.by); }
+
+// Launches the per-channel sums of `terms` over the view; returns the partials [splits, C, 2].
 template <typename scalar_t, class Terms>
-std::pair<at::Tensor, int64_t> channel_sums(const ChannelView& v, const Terms& t, int width,
-                                            const at::TensorOptions& acc_opts) {
+at::Tensor channel_sums(const Tiling& t, const Terms& terms, const at::TensorOptions& acc_opts) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t target_blocks = 4 * sm_count();
-  const int64_t C = v.channels;
-  at::Tensor partial;
-  int64_t splits = 1;
-  with_width<scalar_t>(width, [&](auto w) {
-    constexpr int VEC = decltype(w)::value;
-    if (!v.channels_last) {
-      const int64_t units = v.outer * ceil_div(v.inner, int64_t(kThreads) * VEC);
-      splits = std::clamp<int64_t>(ceil_div(target_blocks, C), 1, std::min<int64_t>(units, 1024));
-      partial = at::empty({splits, C, 2}, acc_opts);
-      const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
-      channel_sums_nchw_kernel<VEC><<<grid, kThreads, 0, stream>>>(
-          t, v.outer, C, v.inner, partial.mutable_data_ptr<acc_t>());
-    } else {
-      int bx = 1;
-      while (bx < 32 && bx * VEC < C) bx *= 2;
-      const int by = kThreads / bx;
-      const int64_t gx = ceil_div(C, int64_t(bx) * VEC);
-      splits = std::clamp<int64_t>(ceil_div(target_blocks, gx), 1,
-                                   std::min<int64_t>(ceil_div(v.outer, by), 1024));
-      partial = at::empty({splits, C, 2}, acc_opts);
-      const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(splits));
-      const dim3 block(bx, by);
-      const size_t smem = sizeof(acc_t) * 2 * VEC * kThreads;
-      channel_sums_cl_kernel<VEC><<<grid, block, smem, stream>>>(
-          t, v.outer, C, partial.mutable_data_ptr<acc_t>());
-    }
+  auto partial = at::empty({int64_t(t.row_blocks) * t.pieces, t.channels, 2}, acc_opts);
+  with_width<scalar_t>(t.vec, [&](auto w) {
+    channel_sums_kernel<decltype(w)::value><<<grid_of(t), block_of(t), 0, c10::cuda::getCurrentCUDAStream()>>>(
+        terms, t, partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {partial, splits};
+  return partial;
 }
 
 template <typename T>
@@ -520,22 +545,17 @@ struct CudaKernels {
   static void scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const at::Tensor& residual, bool relu, const at::Tensor& out) {
     const auto v = channel_view(x, kernel_format(out));
-    const int64_t unit = v.channels_last ? v.channels : v.inner;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_bias_act_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto* xp = x.const_data_ptr<scalar_t>();
       const auto* rp = ptr_or_null<scalar_t>(residual);
       auto* op = out.mutable_data_ptr<scalar_t>();
-      with_width<scalar_t>(pack_width<scalar_t>({xp, rp, op}, unit), [&](auto w) {
-        constexpr int VEC = decltype(w)::value;
-        const int64_t packs = x.numel() / VEC;
-        with_layout(v.channels_last, [&](auto cl) {
-          scale_bias_act_kernel<scalar_t, VEC, decltype(cl)::value>
-              <<<blocks_for(packs), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                  xp, rp, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), op, packs,
-                  v.channels, v.inner, relu);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+      const Tiling t = plan_for<scalar_t>(v, {xp, rp, op});
+      with_width<scalar_t>(t.vec, [&](auto w) {
+        scale_bias_act_kernel<scalar_t, decltype(w)::value>
+            <<<grid_of(t), block_of(t), 0, c10::cuda::getCurrentCUDAStream()>>>(
+                xp, rp, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), op, t, relu);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
@@ -549,15 +569,13 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto* xp = x.const_data_ptr<scalar_t>();
-      const StatsTerms<scalar_t> t{xp, v.channels_last ? 1 : v.inner};
-      const int width = pack_width<scalar_t>({xp}, v.channels_last ? C : v.inner);
-      auto [partial, splits] = channel_sums<scalar_t>(v, t, width, mean.options());
-      bn_stats_finalize_kernel<scalar_t><<<ceil_div(C, kThreads), kThreads, 0,
+      const StatsTerms<scalar_t> terms{xp, v.channels_last ? 1 : v.inner};
+      const auto partial = channel_sums<scalar_t>(plan_for<scalar_t>(v, {xp}), terms, mean.options());
+      bn_stats_finalize_kernel<scalar_t><<<tiling::ceil_div(C, kThreads), kThreads, 0,
                                            c10::cuda::getCurrentCUDAStream()>>>(
-          t, partial.const_data_ptr<acc_t>(), splits, C, static_cast<double>(v.outer * v.inner),
-          ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), eps,
-          mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-          coef.mutable_data_ptr<acc_t>());
+          terms, partial.const_data_ptr<acc_t>(), partial.size(0), C,
+          static_cast<double>(v.outer * v.inner), ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), eps,
+          mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     scale_bias_act(x, coef[0], coef[1], residual, relu, out);
@@ -570,7 +588,6 @@ struct CudaKernels {
                           const at::Tensor& grad_residual) {
     const auto v = channel_view(x, kernel_format(grad_x));
     const int64_t C = v.channels;
-    const int64_t unit = v.channels_last ? C : v.inner;
     auto coef = at::empty({3, C}, mean.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -579,28 +596,21 @@ struct CudaKernels {
       const auto* op = out.const_data_ptr<scalar_t>();
       const auto* xp = x.const_data_ptr<scalar_t>();
       const auto* mp = mean.const_data_ptr<acc_t>();
-      const GradTerms<scalar_t> t{gp, op, xp, mp, relu};
-      auto [partial, splits] =
-          channel_sums<scalar_t>(v, t, pack_width<scalar_t>({gp, op, xp}, unit), mean.options());
-      bn_grad_finalize_kernel<acc_t><<<ceil_div(C, kThreads), kThreads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), splits, C, static_cast<double>(v.outer * v.inner),
-          ptr_or_null<acc_t>(weight), var.const_data_ptr<acc_t>(), eps,
-          grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
-          coef.mutable_data_ptr<acc_t>());
+      const auto partial = channel_sums<scalar_t>(plan_for<scalar_t>(v, {gp, op, xp}),
+                                                  GradTerms<scalar_t>{gp, op, xp, mp, relu}, mean.options());
+      bn_grad_finalize_kernel<acc_t><<<tiling::ceil_div(C, kThreads), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), partial.size(0), C, static_cast<double>(v.outer * v.inner),
+          ptr_or_null<acc_t>(weight), var.const_data_ptr<acc_t>(), eps, grad_weight.mutable_data_ptr<acc_t>(),
+          grad_bias.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
 
       auto* gxp = grad_x.mutable_data_ptr<scalar_t>();
       auto* grp = grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-      with_width<scalar_t>(pack_width<scalar_t>({gp, op, xp, gxp, grp}, unit), [&](auto w) {
-        constexpr int VEC = decltype(w)::value;
-        const int64_t packs = x.numel() / VEC;
-        with_layout(v.channels_last, [&](auto cl) {
-          bn_backward_elementwise_kernel<scalar_t, VEC, decltype(cl)::value>
-              <<<blocks_for(packs), kThreads, 0, stream>>>(gp, op, xp, mp,
-                                                           coef.const_data_ptr<acc_t>(), gxp, grp,
-                                                           packs, C, v.inner, relu);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+      const Tiling t = plan_for<scalar_t>(v, {gp, op, xp, gxp, grp});
+      with_width<scalar_t>(t.vec, [&](auto w) {
+        bn_backward_elementwise_kernel<scalar_t, decltype(w)::value><<<grid_of(t), block_of(t), 0, stream>>>(
+            gp, op, xp, mp, coef.const_data_ptr<acc_t>(), gxp, grp, t, relu);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
@@ -613,7 +623,7 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(), "bn_update_stats_cuda", [&] {
       using run_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bn_update_stats_cuda_acc", [&] {
-        update_stats_kernel<run_t, scalar_t><<<ceil_div(C, kThreads), kThreads, 0,
+        update_stats_kernel<run_t, scalar_t><<<tiling::ceil_div(C, kThreads), kThreads, 0,
                                                c10::cuda::getCurrentCUDAStream()>>>(
             running_mean.mutable_data_ptr<run_t>(), running_var.mutable_data_ptr<run_t>(),
             mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), C, momentum, unbias);

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast
-from _backends import BACKENDS, DEVICES, FAMILIES, FORMATS, Family, every_family_dtype_layout, launches, skip_unless_usable
+from _backends import (BACKENDS, DEVICES, FAMILIES, FORMATS, Family, cuda_family,
+                       every_cuda_tiling, every_family_dtype_layout, launches, skip_unless_usable)
 from _numerics import DTYPES, FLOOR, Spy, assert_2x, grads_of, rand, step
 from resnet_fast.ops import dispatch
 from resnet_fast.ops.bn_act import bn_act
@@ -327,18 +328,9 @@ def test_ops_parity(family, dtype, fmt, residual, relu, device):
                                    msg=name)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,fmt", [
-    ((32, 64, 56, 56), torch.channels_last),   # ResNet-sized: many splits, 16-byte packs
-    ((16, 256, 14, 14), torch.contiguous_format),
-    ((8, 64, 7, 7), torch.contiguous_format),  # 49-element planes
-    ((3, 3, 7, 5), torch.channels_last),       # C % 8 != 0: scalar path
-    ((2, 5, 3, 3), torch.contiguous_format),   # H*W % 8 != 0: scalar path
-])
-def test_ops_resnet_shapes_on_cuda(family, dtype, shape, fmt):
-    ops = Family(family, "cuda")
+@every_cuda_tiling()
+def test_ops_resnet_shapes_on_cuda(family, dtype, shape, fmt, path):
+    ops = cuda_family(family, shape, dtype, fmt, path)
     torch.manual_seed(5)
     x, w, b, r = bn_case(dtype, fmt, True, "cuda", shape=shape)
     grad = rand(shape, dtype, fmt, "cuda")
@@ -351,6 +343,33 @@ def test_ops_resnet_shapes_on_cuda(family, dtype, shape, fmt):
     assert out.is_contiguous(memory_format=fmt)
     assert_2x(out, eager, ref, dtype, "out")
     for name, a, e, rr in zip(("grad_x", "grad_w", "grad_b", "grad_r"), g, eg, rg):
+        assert_2x(a, e, rr, dtype, name)
+
+
+def _misaligned(t):
+    """A copy of t that starts one element into its storage: not 16-byte aligned."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ext_misaligned_inputs_on_cuda(dtype):
+    """Inputs that are not 16-byte aligned take the scalar path of the CUDA kernels."""
+    ops = Family("ext", "cuda")
+    shape = (8, 64, 7, 7)
+    torch.manual_seed(6)
+    x, w, b, r = bn_case(dtype, torch.contiguous_format, True, "cuda", shape=shape)
+    grad = rand(shape, dtype, device="cuda")
+    xm, rm, gm = _misaligned(x), _misaligned(r), _misaligned(grad)
+    assert xm.data_ptr() % 16 != 0
+    out, mean, var = ops.bn_act_fwd(xm, w, b, rm, 1e-5, True)
+    gx, gw, gb, gr = ops.bn_act_bwd(gm, xm, out, w, mean, var, 1e-5, True, True)
+    eager, eg = grads_of(lambda x, w, b, r: eager_bn_act(x, w, b, r, None, None, 0.1, 1e-5, True), (x, w, b, r), grad)
+    ref, rg = grads_of(lambda x, w, b, r: eager_bn_act(x, w, b, r, None, None, 0.1, 1e-5, True),
+                       [t.double() for t in (x, w, b, r)], grad.double())
+    assert_2x(out, eager, ref, dtype, "out")
+    for name, a, e, rr in zip(("grad_x", "grad_w", "grad_b", "grad_r"), (gx, gw, gb, gr), eg, rg):
         assert_2x(a, e, rr, dtype, name)
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast
-from _backends import BACKENDS, DEVICES, FAMILIES, FORMATS, Family, every_family_dtype_layout, skip_unless_usable
+from _backends import (BACKENDS, DEVICES, FAMILIES, FORMATS, Family, cuda_family,
+                       every_cuda_tiling, every_family_dtype_layout, skip_unless_usable)
 from _numerics import DTYPES, Spy, assert_2x, rand, step
 from resnet_fast.ops import dispatch
 from resnet_fast.ops.scale_bias_act import scale_bias_act
@@ -49,6 +50,23 @@ def test_ops_parity(family, dtype, fmt, device):
     eager = F.relu(x * scale.to(dtype).view(SHAPE) + bias.to(dtype).view(SHAPE) + r)
     ref = F.relu(x.double() * scale.double().view(SHAPE) + bias.double().view(SHAPE) + r.double())
     assert_2x(out, eager, ref, dtype, "out")
+
+
+@every_cuda_tiling(families=["ext"])  # the tiling is the extension's; Triton's kernel is tested above
+def test_ops_every_tiling_on_cuda(family, dtype, shape, fmt, path):
+    """Out of place and in place (out == x), on each tiling path of the CUDA kernel."""
+    ops = cuda_family(family, shape, dtype, fmt, path)
+    torch.manual_seed(7)
+    x, r = rand(shape, dtype, fmt, "cuda"), rand(shape, dtype, fmt, "cuda")
+    scale, bias = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+    out = ops.scale_bias_act(x, scale, bias, r, True)
+    eager = F.relu(x * scale.to(dtype).view(SHAPE) + bias.to(dtype).view(SHAPE) + r)
+    ref = F.relu(x.double() * scale.double().view(SHAPE) + bias.double().view(SHAPE) + r.double())
+    assert out.is_contiguous(memory_format=fmt)
+    assert_2x(out, eager, ref, dtype, "out")
+    inplace = x.clone(memory_format=fmt)
+    ops.scale_bias_act_(inplace, scale, bias, r, True)
+    assert torch.equal(inplace, out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
