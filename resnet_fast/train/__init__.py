@@ -19,6 +19,7 @@ starts exits with 130 too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 
@@ -78,7 +79,7 @@ def _header(cfg: options.Config, ctx: distributed.Context, splits: data.Splits, 
     return lines
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
     ckpt = checkpoint.load(args.resume) if getattr(args, "resume", None) else None
     cfg = options.resolve(args, ckpt["config"] if ckpt else None)
     ctx = distributed.setup(cfg.device)
@@ -123,24 +124,26 @@ def _run(args: argparse.Namespace) -> int:
         say(f"  resuming {cfg.resume}: epoch {p['epoch'] + 1}, batch {p['batch']}/{steps}, step {p['global_step']}")
     if cfg.sync_bn and not ctx.distributed:
         say("note: --sync-bn has no effect in a single process")
+    cleanup.enter_context(trainer.stop)  # signal handlers from here until after teardown
     return trainer.fit()
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `resnet-fast train` with parsed flags; returns the exit code."""
-    try:
-        return _run(args)
-    except TrainError as exc:
-        if distributed.is_main_process():
-            print(f"resnet-fast train: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        if distributed.is_main_process():
-            print("resnet-fast train: interrupted; last.pt in the output dir holds the last saved state",
-                  file=sys.stderr)
-        return 130
-    finally:
-        distributed.teardown()
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return _run(args, cleanup)
+        except TrainError as exc:
+            if distributed.is_main_process():
+                print(f"resnet-fast train: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            if distributed.is_main_process():
+                print("resnet-fast train: interrupted; last.pt in the output dir holds the last saved state",
+                      file=sys.stderr)
+            return 130
+        finally:
+            distributed.teardown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,10 @@ class Context:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ

@@ -72,7 +72,7 @@ class Trainer:
         self.out: Path = cfg.output_dir
         self.last_saved: str | None = None  # where this run's last.pt stands, for the divergence message
         self.curves_note_shown = False
-        self.stop = stop.StopRequest(announce=ctx.is_main)
+        self.stop = stop.StopRequest(announce=ctx.is_main, hold=ctx.distributed)
 
     # --- state ---------------------------------------------------------------
 
@@ -241,7 +241,11 @@ class Trainer:
             self.curves_note_shown = True
 
     def _stopped(self, signum: int) -> int:
-        """The one line that says where a signal stopped the run; returns the exit code."""
+        """The one line that says where a signal stopped the run; returns the exit code.
+        No rank leaves before rank 0 has written last.pt: torchrun signals the others
+        as soon as one exits."""
+        self.ctx.barrier()
+        self.stop.done = True
         p, last = self.progress, self.out / "last.pt"
         where = (f"after step {p['global_step']} (epoch {p['epoch'] + 1}, batch {p['batch']}/"
                  f"{self.loaders.steps_per_epoch})" if p["batch"] else
@@ -254,11 +258,8 @@ class Trainer:
         return stop.exit_code(signum)
 
     def fit(self) -> int:
-        """Train to the end, to --max-steps or to a stop signal; returns the exit code."""
-        with self.stop:
-            return self._fit()
-
-    def _fit(self) -> int:
+        """Train to the end, to --max-steps or to a stop signal (install self.stop
+        first); returns the exit code."""
         cfg, p = self.cfg, self.progress
         if cfg.max_steps is not None and p["global_step"] >= cfg.max_steps:
             raise ConfigError(f"--max-steps {cfg.max_steps}: the run is already at step {p['global_step']}")

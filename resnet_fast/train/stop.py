@@ -10,6 +10,10 @@ is then the last complete save, never half of one.
 A repeat within DEBOUNCE_S of the first counts as the same request: Ctrl-C
 in a terminal, or a scheduler's SIGTERM to every process of a job, reaches
 torchrun and its workers, and torchrun then forwards it to the workers again.
+Once the stop is `done` (last.pt written and every rank past it) further
+signals are ignored while the process exits: torchrun sends SIGTERM to the
+workers still running (shutting down) when the first one exits, so a torchrun
+worker (`hold`) keeps ignoring them after the handlers would be restored.
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ def name(signum: int) -> str:
 class StopRequest:
     """Holds the first signal received while installed (`signum`, None until then)."""
 
-    def __init__(self, announce: bool = True):
+    def __init__(self, announce: bool = True, hold: bool = False):
         self.signum: int | None = None
-        self.announce = announce
+        self.done = False
+        self.announce, self.hold = announce, hold
         self._first_at = 0.0
         self._pid = os.getpid()
         self._previous: dict[int, object] = {}
@@ -48,11 +53,11 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.done and self.hold else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if os.getpid() != self._pid:  # a forked DataLoader worker before its init ignores signals
+        if os.getpid() != self._pid or self.done:  # a forked DataLoader worker (before its init); exiting
             return
         if self.signum is None:
             self.signum, self._first_at = signum, time.monotonic()
