@@ -10,13 +10,20 @@ train().
 The ResNet-D variants (resnet18d..resnet152d, "Bag of Tricks", He et al. 2019)
 use timm's layout: a deep stem `conv1 = Sequential(conv, bn, relu, conv, bn,
 relu, conv)` followed by `bn1`, and `downsample = Sequential(pool, conv, bn)`.
-"""
-from __future__ import annotations
 
+Tools that record a graph to run later without Python (torch.fx symbolic
+tracing, as in feature extraction and FX quantization; torch.jit.script and
+torch.jit.trace) get torchvision's forward, module by module: torchvision's
+graph, ops and node names, holding the real parameters and BN modules, so it
+follows load_state_dict (no folded copy left stale) and needs no resnet_fast
+op to load. torch.compile and torch.export trace the fused path, which folds
+BN from the parameters on every call (ops/conv_bn.py).
+"""
+# No `from __future__ import annotations` here: TorchScript reads the annotations of _recorded as objects.
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..ops import pool as pool_ops
 from ..ops import onednn
@@ -36,6 +43,12 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+@torch.jit.ignore  # TorchScript takes torchvision's forward through torch.jit.is_scripting()
+def _recorded(x: Tensor) -> bool:
+    """Whether torch.fx symbolic tracing or torch.jit.trace is recording this forward."""
+    return isinstance(x, fx.Proxy) or torch.jit.is_tracing()
+
+
 def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     """The identity branch: x itself, or the (pool +) conv + BN projection."""
     if downsample is None:
@@ -48,7 +61,17 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     return downsample(x)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    def _add_identity_relu(self, out: Tensor, x: Tensor) -> Tensor:
+        # The tail of torchvision's block forwards (for torch.fx and TorchScript).
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     expansion: int = 1
 
     def __init__(
@@ -78,12 +101,19 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting() or _recorded(x):
+            return self._torchvision_forward(x)
         identity = _shortcut(self.downsample, x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True)
         return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True)
 
+    def _torchvision_forward(self, x: Tensor) -> Tensor:
+        # torchvision's BasicBlock.forward, op for op: the same graph and node names.
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self._add_identity_relu(self.bn2(self.conv2(out)), x)
 
-class Bottleneck(nn.Module):
+
+class Bottleneck(_Block):
     # The stride for downsampling is at the 3x3 convolution (ResNet V1.5), as in torchvision.
     expansion: int = 4
 
@@ -113,10 +143,18 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting() or _recorded(x):
+            return self._torchvision_forward(x)
         identity = _shortcut(self.downsample, x)
         out = conv_bn_act(x, self.conv1, self.bn1, relu=True)
         out = conv_bn_act(out, self.conv2, self.bn2, relu=True)
         return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True)
+
+    def _torchvision_forward(self, x: Tensor) -> Tensor:
+        # torchvision's Bottleneck.forward, op for op: the same graph and node names.
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self._add_identity_relu(self.bn3(self.conv3(out)), x)
 
 
 class ResNet(nn.Module):
@@ -262,6 +300,8 @@ class ResNet(nn.Module):
         return conv_bn_act(x, self.conv1, self.bn1, relu=True)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting() or _recorded(x):
+            return self._torchvision_forward(x)
         empty = check_input(self, x)
         if empty is not None:
             return empty
@@ -275,6 +315,24 @@ class ResNet(nn.Module):
             x = self.layer4(x)
 
             return pool_ops.avgpool_fc(self.avgpool, self.fc, x)
+
+    def _torchvision_forward(self, x: Tensor) -> Tensor:
+        # torchvision's ResNet._forward_impl, statement for statement (a deep stem is the Sequential conv1).
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward_impl(x)
