@@ -5,8 +5,11 @@ resolution, deduplicated, with the epilogue its position needs):
   fused     resnet_fast conv_bias_act: BN folded, bias/residual/ReLU in the epilogue
   eager     cuDNN conv, then eval BatchNorm, add, ReLU as separate eager ops
   compiled  torch.compile of that eager function
-Times are triton.testing.do_bench medians. TFLOP/s counts the conv's
-2*M*Cout*K flops; "share" divides by the bf16 matmul rate measured here.
+plus ResNet-D's deep stem (3->32/2, 32->32, 32->64). Times are triton.testing.do_bench
+medians. TFLOP/s counts the conv's 2*M*Cout*K flops; "share" divides by the bf16 matmul
+rate measured here. The RGB stems (Cin < 16) run packed (resnet_fast.ops.triton.conv, "the
+packed stem"): their "fused" time includes packing the input, which is also timed alone
+("stem_pack_ms"), and "k_computed" vs "k_useful" is the padding's extra MMA work.
 Results go to benchmarks/results/convs_<device>_<time>.json.
 
     python benchmarks/bench_convs.py [--batch 256] [--dtype bf16] [--no-compile]
@@ -65,8 +68,13 @@ def resnet50_convs(batch, resolution):
             if isinstance(module, torch.nn.Conv2d):
                 module.register_forward_pre_hook(hook(name))
         model(torch.empty(batch, 3, resolution, resolution))
-    return [dict(zip(("cin", "cout", "k", "stride", "padding", "h", "w", "residual", "relu"), key), **v)
-            for key, v in seen.items()]
+    specs = [dict(zip(("cin", "cout", "k", "stride", "padding", "h", "w", "residual", "relu"), key), **v)
+             for key, v in seen.items()]
+    stem = resolution // 2  # ResNet-D's deep stem, ahead of the same body
+    specs += [dict(cin=cin, cout=cout, k=3, stride=s, padding=1, h=h, w=h, residual=False, relu=True,
+                   name=f"resnet50d.conv1.{i}", count=1)
+              for i, (cin, cout, s, h) in enumerate(((3, 32, 2, resolution), (32, 32, 1, stem), (32, 64, 1, stem)))]
+    return specs
 
 
 def measure_matmul_tflops(dtype, do_bench):
@@ -78,7 +86,8 @@ def measure_matmul_tflops(dtype, do_bench):
 
 
 def bench_conv(spec, batch, dtype, use_compile, do_bench, warmup, rep, device="cuda"):
-    from resnet_fast.ops.triton.conv import conv_bias_act
+    from resnet_fast.ops.triton import conv as triton_conv
+    conv_bias_act = triton_conv.conv_bias_act
 
     cin, cout, k, s, p = spec["cin"], spec["cout"], spec["k"], spec["stride"], spec["padding"]
     cl = torch.channels_last
@@ -116,6 +125,12 @@ def bench_conv(spec, batch, dtype, use_compile, do_bench, warmup, rep, device="c
         out = fn()  # autotunes / compiles outside the timed region
         result.setdefault("max_abs_diff_vs_eager", {})[label] = (out.float() - expected.float()).abs().max().item()
         result["ms"][label] = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    if cin < triton_conv._STEM_CHANNELS:  # the packed stem: what packing costs
+        plan = triton_conv._stem_plan(cin, k, k, (s, s), (p, p), (1, 1))
+        result["stem_pack_ms"] = do_bench(lambda: triton_conv._pack_stem_input(x, plan, ho, wo), warmup=warmup,
+                                          rep=rep, return_mode="median")
+        result["k_useful"] = cin * k * k
+        result["k_computed"] = triton_conv._STEM_CHANNELS * plan.kernel[0] * plan.kernel[1]
     flops = 2 * batch * ho * wo * cout * cin * k * k
     result["gflop"] = flops / 1e9
     result["tflops"] = {label: flops / (ms * 1e-3) / 1e12 for label, ms in result["ms"].items()}
@@ -148,9 +163,12 @@ def main(argv=None):
         r["share_of_bf16_matmul"] = {label: t / peak for label, t in r["tflops"].items()}
         results.append(r)
         cols = "  ".join(f"{label} {r['ms'][label]:.3f}ms {r['tflops'][label]:.0f}TF" for label in r["ms"])
+        if "stem_pack_ms" in r:
+            cols += f"  (packing {r['stem_pack_ms']:.3f}ms, K {r['k_computed']} for {r['k_useful']})"
         print(f"{r['name']:<22} {r['shape']:<36} x{r['count']:<2} {cols}", flush=True)
 
-    totals = {label: sum(r["ms"][label] * r["count"] for r in results) for label in results[0]["ms"]}
+    body = [r for r in results if not r["name"].startswith("resnet50d.")]
+    totals = {label: sum(r["ms"][label] * r["count"] for r in body) for label in results[0]["ms"]}
     print("all ResNet-50 convs, weighted by count: "
           + "  ".join(f"{label} {ms:.2f}ms" for label, ms in totals.items()))
     env = envinfo.collect("cuda")

@@ -6,7 +6,7 @@
 Workloads, small shapes with ragged tails, NCHW and channels_last, fp32 and bf16:
   ext     every op of the extension (torch.ops.resnet_fast.*: add_relu and its out/in-place forms and
           backward, scale_bias_act and its forms, bn_act_fwd/bwd, bn_update_stats_)
-  triton  the Triton conv (gemm, implicit and flat modes, with residual; one shape large enough that the
+  triton  the Triton conv (gemm, implicit and stem modes, with residual; one shape large enough that the
           autotuner launches every config), the pools, avg_pool_fc, and the bn_act / add_relu kernels
 Each checks its results against PyTorch (so a kernel that silently did not run fails) and ends by
 printing WORKLOAD OK. The driver runs each workload once plainly (it must pass, and it fills the
@@ -150,7 +150,7 @@ def _conv_cases():
         ("gemm", 2, 24, 3, 5, 40, 1, 1, 0, True),
         ("implicit", 1, 24, 9, 7, 40, 3, 2, 1, True),
         ("strided_1x1", 2, 24, 7, 5, 40, 1, 2, 0, False),
-        ("flat", 1, 3, 11, 9, 16, 7, 2, 3, False),
+        ("stem", 1, 3, 11, 9, 16, 7, 2, 3, False),
         ("all_configs", 1, 64, 16, 16, 256, 1, 1, 0, True),
     ]
 
@@ -205,9 +205,10 @@ def run_triton(device) -> list[str]:
             _close(ops.triton_add_relu_backward(g, added), g.double() * (added.double() > 0),
                    "triton add_relu_backward", tol)
     launched = dict(LAUNCHES)
-    for kernel in ("conv_bias_act.gemm", "conv_bias_act.implicit", "conv_bias_act.flat", "max_pool_3x3s2",
-                   "avg_pool_2x2_ceil", "global_avg_pool", "bn_sums", "bn_stats_finalize", "scale_bias_act",
-                   "bn_grad_finalize", "bn_bwd_elementwise", "bn_update_stats", "add_relu_fwd", "add_relu_bwd"):
+    for kernel in ("conv_bias_act.gemm", "conv_bias_act.implicit", "conv_bias_act.stem", "conv_stem_pack",
+                   "max_pool_3x3s2", "avg_pool_2x2_ceil", "global_avg_pool", "bn_sums", "bn_stats_finalize",
+                   "scale_bias_act", "bn_grad_finalize", "bn_bwd_elementwise", "bn_update_stats", "add_relu_fwd",
+                   "add_relu_bwd"):
         if not launched.get(kernel):
             raise AssertionError(f"Triton kernel {kernel} never launched: {launched}")
     return sorted(f"{k} x{v}" for k, v in launched.items())

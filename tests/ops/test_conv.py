@@ -1,7 +1,8 @@
 """The eval conv op, conv + bias (+ residual) (+ ReLU), on every backend.
 
 The Triton kernel (resnet_fast.ops.triton.conv) is checked directly in every mode it has
-(gemm, implicit, flat) against eager PyTorch and a float64 reference under the 2x rule;
+(gemm, implicit, stem) and every epilogue branch against eager PyTorch and a float64 reference under
+the 2x rule;
 conv_bn_act, the op a ResNet block calls, is checked on each backend with proof of the
 implementation that ran. Without CUDA the kernels run under TRITON_INTERPRET=1 (set by conftest)
 on CPU tensors, so shapes stay tiny; bf16 numerics are checked on a GPU only (the interpreter's
@@ -49,16 +50,22 @@ def reference_conv(x, w, b, r, stride, padding, dilation, relu):
 
 # name: (N, Cin, Cout, H, W, kernel, stride, padding, dilation, expected kernel variant)
 SHAPES = {
-    "stem_7x7s2": (1, 3, 20, 9, 9, 7, 2, 3, 1, "flat"),
+    "stem_7x7s2": (1, 3, 20, 9, 9, 7, 2, 3, 1, "stem"),
     "3x3s1": (2, 20, 24, 7, 9, 3, 1, 1, 1, "implicit"),
     "3x3s2": (2, 17, 40, 9, 7, 3, 2, 1, 1, "implicit"),
     "1x1s1": (2, 33, 40, 5, 7, 1, 1, 0, 1, "gemm"),
     "1x1s2": (2, 24, 20, 9, 9, 1, 2, 0, 1, "implicit"),
-    "resnetd_stem_3to32_s2": (1, 3, 32, 9, 9, 3, 2, 1, 1, "flat"),
+    "resnetd_stem_3to32_s2": (1, 3, 32, 9, 9, 3, 2, 1, 1, "stem"),
     "resnetd_stem_32to32": (1, 32, 32, 5, 5, 3, 1, 1, 1, "implicit"),
     "resnetd_stem_32to64": (1, 32, 64, 5, 5, 3, 1, 1, 1, "implicit"),
     "3x3_dilation2": (2, 20, 24, 9, 9, 3, 1, 2, 2, "implicit"),
-    "3x3_dilation2_cin5": (1, 5, 24, 9, 7, 3, 1, 2, 2, "flat"),
+    "3x3_dilation2_cin5": (1, 5, 24, 9, 7, 3, 1, 2, 2, "stem"),
+    # the packed stem's other geometries: s2d with 2*2*4 = 16 channels exactly, s2d by 3, channels
+    # padded only (2*2*5 > 16), padding wider than the stride
+    "stem_5x5s2_cin4": (1, 4, 16, 11, 9, 5, 2, 2, 1, "stem"),
+    "stem_3x3s3_cin1": (2, 1, 16, 10, 11, 3, 3, 1, 1, "stem"),
+    "stem_3x3s2_cin5": (1, 5, 24, 9, 7, 3, 2, 1, 1, "stem"),
+    "stem_7x7s2_pad5": (1, 3, 16, 8, 8, 7, 2, 5, 1, "stem"),
     # Cin, Cout > 64: several K blocks per tap and several N tiles (the CPU config is 32x64x64).
     "3x3s1_wide": (1, 72, 80, 5, 5, 3, 1, 1, 1, "implicit"),
     "1x1s1_wide": (1, 136, 72, 3, 5, 1, 1, 0, 1, "gemm"),
@@ -121,6 +128,110 @@ def test_conv_bf16_under_interpreter():
     run_conv_case("3x3s1", torch.bfloat16, True, True)
 
 
+# --- the packed stem -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("cin,k,stride,padding,dilation,factor,kernel", [
+    (3, 7, 2, 3, 1, 2, (4, 4)),  # the ResNet stem: a 4x4/1 conv over 12 (+4 zero) channels
+    (3, 3, 2, 1, 1, 2, (2, 2)),  # ResNet-D's 3->32 stem
+    (4, 5, 2, 2, 1, 2, (3, 3)),  # 2*2*4 = 16 channels exactly
+    (1, 3, 3, 1, 1, 3, (2, 2)),
+    (5, 3, 2, 1, 1, 1, (3, 3)),  # 2*2*5 > 16: channels padded only
+    (3, 3, 1, 1, 1, 1, (3, 3)),
+    (3, 3, 2, 2, 2, 1, (3, 3)),  # dilated
+])
+def test_stem_plan(cin, k, stride, padding, dilation, factor, kernel):
+    plan = triton_conv._stem_plan(cin, k, k, (stride, stride), (padding, padding), (dilation, dilation))
+    assert (plan.factor, plan.kernel) == (factor, kernel)
+    assert plan.stride == ((1, 1) if factor > 1 else (stride, stride))
+
+
+def test_stem_packing_preserves_the_conv():
+    """For every small-Cin geometry: conv(pack(x), pack(w)) == conv(x, w), exactly, in float64
+    (the packing kernel runs; the convs are torch's)."""
+    import itertools
+    geometries = [(*g, 1) for g in itertools.product((1, 3, 5), (3, 7), (1, 2, 3), (1, 4))] + [
+        (3, 1, 2, 0, 1), (4, 5, 2, 2, 1), (4, 4, 2, 0, 1), (1, 5, 3, 0, 1), (2, 3, 1, 2, 2), (3, 3, 2, 2, 2)]
+    for cin, k, s, p, d in geometries:
+        x = rand(2, cin, 9, 10, dtype=torch.float64, cl=cin % 2 == 1)  # NCHW and channels_last inputs
+        w = rand(3, cin, k, k, dtype=torch.float64)
+        want = F.conv2d(x, w, None, s, p, d)
+        plan = triton_conv._stem_plan(cin, k, k, (s, s), (p, p), (d, d))
+        with launched("conv_stem_pack"):
+            packed = triton_conv._pack_stem_input(x, plan, *want.shape[2:])
+        got = F.conv2d(packed, triton_conv._pack_stem_weight(w, plan), None, plan.stride, 0, plan.dilation)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"cin={cin} k={k} s={s} p={p} d={d}")
+
+
+def test_stem_weight_is_packed_once_per_weight_version():
+    w = rand(8, 3, 7, 7)
+    plan = triton_conv._stem_plan(3, 7, 7, (2, 2), (3, 3), (1, 1))
+    first = triton_conv._stem_weight(w, plan)
+    assert triton_conv._stem_weight(w, plan) is first
+    with torch.no_grad():
+        w.mul_(2)  # an in-place edit bumps the version: packed again
+    again = triton_conv._stem_weight(w, plan)
+    assert again is not first and torch.equal(again, triton_conv._pack_stem_weight(w, plan))
+    with torch.inference_mode():
+        frozen = rand(8, 3, 7, 7)  # no version counter: packed every call, never cached
+    assert torch.equal(triton_conv._stem_weight(frozen, plan), triton_conv._pack_stem_weight(frozen, plan))
+
+
+def test_stem_weight_is_packed_with_the_fold(monkeypatch):
+    """conv_bn_eval under inference_mode (folded weights without a version counter): one packing per fold."""
+    packs = []
+    real = triton_conv._pack_stem_weight
+    monkeypatch.setattr(triton_conv, "_pack_stem_weight", lambda w, plan: packs.append(1) or real(w, plan))
+    conv = nn.Conv2d(3, 8, 7, 2, 3, bias=False).eval().to(DEVICE)
+    bn = nn.BatchNorm2d(8).eval().to(DEVICE)
+    x = rand(1, 3, 9, 9)
+    with torch.inference_mode():
+        for _ in range(3):
+            with launched("conv_bias_act.stem"):
+                out = triton_conv.conv_bn_eval(x, conv, bn, None, True)
+    assert len(packs) == 1
+    with torch.no_grad():
+        bn.running_var.mul_(2)  # a new fold, packed again
+    with torch.inference_mode():
+        again = triton_conv.conv_bn_eval(x, conv, bn, None, True)
+    assert len(packs) == 2 and not torch.equal(out, again)
+    torch.testing.assert_close(again, F.relu(bn(conv(x))), atol=1e-5, rtol=1e-5)
+
+
+# --- the epilogue's branches ----------------------------------------------------------------
+
+@pytest.fixture
+def wide_tile_launches(monkeypatch):
+    """The conv kernel with a 32x128 tile (the epilogue adds a residual one half at a time); records
+    each launch's keyword arguments (the constexprs)."""
+    kernel = triton_conv._conv_bias_act_fwd_kernel
+    tuner = triton.autotune(configs=[triton_conv._config(32, 128, 32, 4, 4, 1)], key=kernel.keys)(kernel.fn)
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs)
+                return tuner[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_conv, "_conv_bias_act_fwd_kernel", Recorder())
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("residual_layout", ["channels_last", "nchw", None])
+def test_conv_wide_tile_epilogue(wide_tile_launches, k, residual_layout):
+    # Cout 136: two N tiles of 128, the second mostly masked, in both halves of the split epilogue.
+    x = rand(2, 24, 5, 6)
+    w, b = rand(136, 24, k, k, scale=(24 * k * k) ** -0.5), rand(136)
+    r = rand(2, 136, 5, 6, cl=residual_layout == "channels_last") if residual_layout else None
+    with launched(f"conv_bias_act.{'gemm' if k == 1 else 'implicit'}"):
+        out = triton_conv.conv_bias_act(x, w, b, r, 1, k // 2, 1, relu=True)
+    assert wide_tile_launches[-1]["RES_ROWS"] is (residual_layout == "channels_last")
+    args = (x, w, b, r, (1, 1), (k // 2, k // 2), (1, 1), True)
+    assert_2x(out, eager_conv(*args), reference_conv(*args), torch.float32)
+
+
 def test_conv_empty_batch():
     x = rand(0, 8, 5, 5)
     w = rand(16, 8, 3, 3)
@@ -160,7 +271,7 @@ def test_conv_autograd_matches_eager():
     w = rand(8, 6, 3, 3, scale=0.3).requires_grad_()
     b = rand(8).requires_grad_()
     r = rand(2, 8, 3, 3).requires_grad_()
-    with launched("conv_bias_act.flat"):
+    with launched("conv_bias_act.stem"):
         out = triton_conv.conv_bias_act(x, w, b, r, 2, 1, relu=True)
     grad = rand(*out.shape)
     ours = torch.autograd.grad(out, (x, w, b, r), grad)
@@ -238,6 +349,27 @@ def test_prune_keeps_hopper_configs_off_ampere(monkeypatch):
     assert narrow and all(c.kwargs["BLOCK_N"] <= 64 for c in narrow)
 
 
+def test_prune_keeps_the_tiles_the_static_report_proves(monkeypatch):
+    """benchmarks/static_report.py compiles every kept config spill-free, with wgmma on Hopper: these
+    are the rules that make it so."""
+    def kept(capability, dtype=torch.float16, precision="tf32", **shape):
+        monkeypatch.setattr(triton_conv, "_device_limits", lambda device: (capability, 160 * 1024))
+        args = dict(M=256 * 56 * 56, C_IN=256, C_OUT=256, KH=1, KW=1, MODE=0, DOT_PRECISION=precision,
+                    x_ptr=rand(1, 1, 1, 1, dtype=dtype))
+        configs = triton_conv._prune_configs(triton_conv._GPU_CONFIGS, dict(args, **shape))
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs]
+
+    hopper = kept((9, 0))
+    assert hopper and all(bm >= 16 * warps and bk >= 32 for bm, _, bk, warps in hopper)  # wgmma, no K=16
+    stem = kept((9, 0), C_IN=16)
+    assert stem and all(bk == 16 for _, _, bk, _ in stem)  # the packed stems: 16 channels per K step
+    for capability, precision in (((8, 0), "tf32"), ((9, 0), "ieee"), ((8, 0), "ieee")):
+        fp32 = kept(capability, torch.float32, precision)  # fp32 operands in registers: smaller tiles
+        per_thread = 64 if precision == "tf32" else 32  # accumulator values per thread
+        assert fp32 and all(bm * bn <= per_thread * 32 * warps for bm, bn, _, warps in fp32)
+        assert precision == "tf32" or all(bk <= 32 for _, _, bk, _ in fp32)
+
+
 def test_autotune_key_has_no_pointers():
     kernel = triton_conv._conv_bias_act_fwd_kernel
     assert not any(k.endswith("_ptr") for k in kernel.keys)
@@ -255,13 +387,13 @@ def test_autotuner_prunes_and_caches_per_shape_bucket(monkeypatch):
         benched.append(1)
         return [float(len(benched))] * 3 if quantiles else float(len(benched))
 
-    configs = [triton_conv._config(32, 32, 16, 4, 4, 1), triton_conv._config(16, 32, 16, 4, 4, 1),
+    configs = [triton_conv._config(32, 32, 32, 4, 4, 1), triton_conv._config(16, 32, 32, 4, 4, 1),
                triton_conv._config(256, 256, 64, 8, 8, 3)]  # too big for this problem: pruned
     tuner = triton.autotune(configs=configs, key=triton_conv._conv_bias_act_fwd_kernel.keys,
                             prune_configs_by={"early_config_prune": triton_conv._prune_configs},
                             do_bench=fake_do_bench)(triton_conv._conv_bias_act_fwd_kernel.fn)
     monkeypatch.setattr(triton_conv, "_conv_bias_act_fwd_kernel", tuner)
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((9, 0), 227 * 1024))
+    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((8, 0), 163 * 1024))
     w, b = rand(24, 20, 3, 3, scale=0.1), rand(24)
 
     def conv(x, weight):

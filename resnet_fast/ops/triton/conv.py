@@ -2,14 +2,19 @@
 
 Implicit GEMM over NHWC activations: rows are output pixels (M = N*Ho*Wo),
 columns are output channels (Cout), the reduction runs over (kh, kw, cin).
-Three ways to load the activation tile, picked per call (`_mode`):
+Three ways to run a call, picked per call (`_mode`; LAUNCHES counts
+"conv_bias_act.<mode>"):
 
   gemm      1x1 / stride 1 / pad 0 on a dense channels_last input: the input
             *is* an [M, Cin] matrix, so this is a plain GEMM.
   implicit  any kernel; the loop walks (tap, Cin-block) so each K step reads
             BLOCK_K contiguous channels of one input pixel.
-  flat      Cin < 16 (the RGB stems): channel blocks would be mostly padding,
-            so K = KH*KW*Cin is flattened and gathered element-wise.
+  stem      Cin < 16 (the RGB stems): the input is packed into 16-channel
+            pixels first (space-to-depth where the stride allows, see
+            "the packed stem"), then the implicit mode runs on tensor cores.
+
+The epilogue indexes a dense channels_last residual by the output's row
+offsets (no div/mod); any other residual layout is read through its strides.
 
 Precision: fp16/bf16 operands accumulate in fp32. fp32 operands use TF32
 exactly when cuDNN would for a convolution (torch.backends.cudnn.conv
@@ -21,16 +26,18 @@ Registered as the custom op resnet_fast::triton_conv_bias_act (fake impl
 with channels_last strides, autograd via aten.convolution_backward), so it
 works under torch.compile(fullgraph=True) and torch.library.opcheck.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ... import fold
 from ..dispatch import interpreter_enabled
 from ._common import LAUNCHES, check_dtype, device_guard, fp32_allows_tf32, require_usable
 
-_MODES = {"gemm": 0, "implicit": 1, "flat": 2}
-_FLAT_K_MAX_CIN = 16  # below this, channel blocks of >= 16 (tl.dot's minimum) waste most of K
+_MODES = {"gemm": 0, "implicit": 1}  # the kernel's MODE; the stem runs the implicit mode
 
 
 # --- autotuning -------------------------------------------------------------
@@ -47,6 +54,7 @@ _HOPPER_CONFIGS = [
     _config(256, 128, 64, 8, 8, 3),
     _config(128, 128, 64, 8, 8, 4),
     _config(256, 64, 64, 8, 8, 4),  # the Cout=64 layers
+    _config(256, 64, 16, 8, 8, 4),  # the packed stems
 ]
 # Ampere (sm80/86) and the smaller problems everywhere: 4-warp mma tiles.
 _AMPERE_CONFIGS = [
@@ -55,6 +63,7 @@ _AMPERE_CONFIGS = [
     _config(64, 128, 32, 8, 4, 4),
     _config(64, 64, 64, 8, 4, 4),
     _config(32, 64, 32, 8, 4, 4),  # tiny M: late layers at batch 1
+    _config(128, 64, 16, 8, 4, 4),  # the packed stems: 16 channels per pixel
 ]
 _GPU_CONFIGS = _HOPPER_CONFIGS + _AMPERE_CONFIGS
 # The interpreter gets one fixed config: deterministic, no benchmarking. Its
@@ -71,12 +80,16 @@ def _device_limits(device: torch.device) -> tuple[tuple[int, int], int]:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles overshoot the problem or overflow shared memory."""
+    """Drop configs whose tiles overshoot the problem or overflow shared memory, K steps of 16 where
+    Cin allows 32, on Hopper tiles too short for wgmma (64 rows per warpgroup: mma.sync instead), and
+    the fp32 tiles that spill (benchmarks/static_report.py checks every kept config compiles spill-free)."""
     args = {**named_args, **kwargs}  # the autotuner passes positional and keyword args apart
     m, cin, cout = args["M"], args["C_IN"], args["C_OUT"]
-    k_total = cin * args["KH"] * args["KW"] if args["MODE"] == _MODES["flat"] else cin
     x = args["x_ptr"]
     capability, smem = _device_limits(x.device)
+    fma = x.element_size() == 4 and args["DOT_PRECISION"] == "ieee"  # CUDA-core dot: no tensor cores
+    # mma.sync and the FMA dot keep a K step of fp32 operands in registers beside the accumulator.
+    fp32_in_registers = x.element_size() == 4 and (fma or capability < (9, 0))
     kept = []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -84,7 +97,11 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if bm > max(32, triton.next_power_of_2(m)) or bn > max(64, triton.next_power_of_2(cout)):
             continue
-        if bk > max(32, triton.next_power_of_2(k_total)):
+        if not min(32, triton.next_power_of_2(cin)) <= bk <= max(16, triton.next_power_of_2(cin)):
+            continue
+        if capability >= (9, 0) and bm < 16 * c.num_warps and not fma:
+            continue
+        if fp32_in_registers and (bm * bn > (32 if fma else 64) * 32 * c.num_warps or (fma and bk > 32)):
             continue
         if c.num_stages * (bm + bn) * bk * x.element_size() > smem:
             continue
@@ -110,10 +127,35 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
+@triton.jit
+def _epilogue(acc, rows, cols, m_mask, b_ptr, stride_b, r_ptr, out_ptr, C_OUT,
+              n_idx, ho, wo, stride_rn, stride_rc, stride_rh, stride_rw,
+              BLOCK_M: tl.constexpr, HAS_RES: tl.constexpr, RES_ROWS: tl.constexpr, RELU: tl.constexpr):
+    """out[rows, cols] = relu?(acc + bias + residual?) in fp32, one rounding at the store. The output
+    is always freshly allocated dense channels_last: row-major [M, Cout]."""
+    n_mask = cols < C_OUT
+    mask = m_mask[:, None] & n_mask[None, :]
+    shift = tl.load(b_ptr + cols * stride_b, mask=n_mask, other=0.0)[None, :]
+    # int32 offsets from the tile's first row (at most BLOCK_M * C_OUT).
+    tile = rows.to(tl.int64) * C_OUT
+    offs = tl.arange(0, BLOCK_M)[:, None] * C_OUT + cols[None, :]
+    if HAS_RES:
+        if RES_ROWS:  # a dense channels_last residual has the output's [M, Cout] rows
+            r_ptrs = r_ptr + tile + offs
+        else:
+            r_ptrs = (r_ptr + (n_idx * stride_rn + ho * stride_rh + wo * stride_rw)[:, None]
+                      + cols[None, :] * stride_rc)
+        shift = shift + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    acc += shift
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + tile + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(
     configs=_INTERPRETER_CONFIGS if interpreter_enabled() else _GPU_CONFIGS,
     key=["M_BUCKET", "C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-         "MODE", "HAS_RES", "DOT_PRECISION"],
+         "MODE", "HAS_RES", "RES_ROWS", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
@@ -126,7 +168,7 @@ def _conv_bias_act_fwd_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     M_BUCKET,  # autotune key only
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    HAS_RES: tl.constexpr, RES_ROWS: tl.constexpr, RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -145,7 +187,8 @@ def _conv_bias_act_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < C_OUT
-    # (n, ho, wo) of each output row; int64 where products can pass 2**31.
+    # (n, ho, wo) of each output row, for the implicit loads and a strided residual (unused, and
+    # compiled away, otherwise): the only div/mod, once per tile. int64 where products can pass 2**31.
     n_idx = (offs_m // (HO * WO)).to(tl.int64)
     hw = offs_m % (HO * WO)
     ho = hw // WO
@@ -162,18 +205,25 @@ def _conv_bias_act_fwd_kernel(
             a = tl.load(a_rows + k[None, :] * stride_xc, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols + k[:, None] * stride_wc, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
             acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-    elif MODE == 1:
+    else:
+        # implicit: one flat loop over (tap, channel block) so the compiler can
+        # pipeline across taps even when Cin is a single block.
         hi0 = ho * STRIDE_H - PAD_H
         wi0 = wo * STRIDE_W - PAD_W
         x_rows = x_ptr + n_idx * stride_xn
         c_blocks = tl.cdiv(C_IN, BLOCK_K)
-        # One flat loop over (tap, channel block) so the compiler can pipeline
-        # across taps even when Cin is a single block.
         for it in range(0, KH * KW * c_blocks):
-            tap = it // c_blocks
-            k = (it - tap * c_blocks) * BLOCK_K + offs_k
-            kh = tap // KW
-            kw = tap % KW
+            if KH * KW == 1:
+                # A strided 1x1 (the downsample convs): without the tap arithmetic. With it,
+                # triton loads this A tile one element at a time instead of by cp.async.
+                kh = 0
+                kw = 0
+                k = it * BLOCK_K + offs_k
+            else:
+                tap = it // c_blocks
+                k = (it - tap * c_blocks) * BLOCK_K + offs_k
+                kh = tap // KW
+                kw = tap % KW
             hi = hi0 + kh * DIL_H
             wi = wi0 + kw * DIL_W
             row_ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -183,39 +233,130 @@ def _conv_bias_act_fwd_kernel(
             b_ptrs = w_cols + kh * stride_wh + kw * stride_ww + k[:, None] * stride_wc
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
             acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
-    else:
-        hi0 = ho * STRIDE_H - PAD_H
-        wi0 = wo * STRIDE_W - PAD_W
-        x_rows = x_ptr + n_idx * stride_xn
-        k_total = KH * KW * C_IN
-        for k0 in range(0, k_total, BLOCK_K):
-            k = k0 + offs_k
-            k_ok = k < k_total
-            kh = k // (KW * C_IN)
-            kwc = k % (KW * C_IN)
-            kw = kwc // C_IN
-            c = kwc % C_IN
-            hi = hi0[:, None] + (kh * DIL_H)[None, :]
-            wi = wi0[:, None] + (kw * DIL_W)[None, :]
-            a_ok = m_mask[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            a = tl.load(x_rows[:, None] + hi * stride_xh + wi * stride_xw + (c * stride_xc)[None, :],
-                        mask=a_ok, other=0.0)
-            b_ptrs = w_cols + (kh * stride_wh + kw * stride_ww + c * stride_wc)[:, None]
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST_DOT)
 
-    # Epilogue in fp32, one rounding at the store.
-    acc += tl.load(b_ptr + offs_n * stride_b, mask=n_mask, other=0.0)[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_RES:
-        r_ptrs = (r_ptr + (n_idx * stride_rn + ho * stride_rh + wo * stride_rw)[:, None]
-                  + offs_n[None, :] * stride_rc)
-        acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    # The output is always freshly allocated dense channels_last: row-major [M, Cout].
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    # A residual tile is as large as the accumulator: with both in registers the wide tiles
+    # spill, so those add it one half of the columns at a time.
+    rows = pid_m * BLOCK_M
+    if HAS_RES and BLOCK_N >= 128:
+        half: tl.constexpr = BLOCK_N // 2
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+        for part in tl.static_range(2):
+            cols = pid_n * BLOCK_N + part * half + tl.arange(0, half)
+            _epilogue(acc_hi if part else acc_lo, rows, cols, m_mask, b_ptr, stride_b, r_ptr, out_ptr, C_OUT,
+                      n_idx, ho, wo, stride_rn, stride_rc, stride_rh, stride_rw,
+                      BLOCK_M, HAS_RES, RES_ROWS, RELU)
+    else:
+        _epilogue(acc, rows, offs_n, m_mask, b_ptr, stride_b, r_ptr, out_ptr, C_OUT,
+                  n_idx, ho, wo, stride_rn, stride_rc, stride_rh, stride_rw,
+                  BLOCK_M, HAS_RES, RES_ROWS, RELU)
+
+
+# --- the packed stem ----------------------------------------------------------------
+# An RGB stem (Cin < 16) would waste most of every tl.dot K step (>= 16) on channel padding and read
+# 6-byte pixels one element at a time. Instead its input is packed once into a dense NHWC tensor of
+# _STEM_CHANNELS channels per pixel: a stride-s conv with s*s*Cin <= 16 becomes a stride-1 conv by
+# space-to-depth (pixel (i, j) holds the s x s input patch at (s*i, s*j)), with the zero padding
+# written out, so the implicit mode runs it with 32-byte aligned rows: the 7x7/2 RGB stem becomes a
+# 4x4/1 conv with K = 256 (147 useful), ResNet-D's 3x3/2 3->32 stem a 2x2/1 conv with K = 64 (27
+# useful). Other small-Cin convs (dilated, or s*s*Cin > 16) only get their channels padded.
+
+_STEM_CHANNELS = 16  # packed channels per pixel: one bf16 K step of the dot
+
+
+class _StemPlan(NamedTuple):
+    factor: int  # space-to-depth factor (1: channels padded only)
+    top: int  # input rows/columns of zero padding written above/left of the image
+    left: int
+    shift: tuple[int, int]  # zero taps put before the weight's first row/column
+    kernel: tuple[int, int]  # the packed conv's kernel, stride and dilation
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def _stem_plan(cin, kh, kw, stride, padding, dilation) -> _StemPlan:
+    s = stride[0]
+    factor = s if (s > 1 and stride[1] == s and tuple(dilation) == (1, 1)
+                   and s * s * cin <= _STEM_CHANNELS) else 1
+    # Packed row i, sub-row r holds input row factor*i + r - top; a tap k of the original kernel
+    # lands on packed tap (k + shift) // factor, sub-row (k + shift) % factor.
+    before = [-(-p // factor) for p in padding]  # packed rows of padding above / left
+    shift = tuple(factor * b - p for b, p in zip(before, padding))
+    kernel = tuple(-(-(k + e) // factor) for k, e in zip((kh, kw), shift))
+    return _StemPlan(factor, factor * before[0], factor * before[1], shift, kernel,
+                     tuple(v // factor for v in stride), tuple(dilation))
+
+
+@triton.jit
+def _stem_pack_kernel(x_ptr, out_ptr, P, HP, WP, H, W, TOP, LEFT,
+                      stride_xn, stride_xc, stride_xh, stride_xw,
+                      C_IN: tl.constexpr, FACTOR: tl.constexpr, C_P: tl.constexpr, BLOCK_P: tl.constexpr):
+    # out[n, i, j, (r*FACTOR + q)*C_IN + c] = x[n, c, FACTOR*i + r - TOP, FACTOR*j + q - LEFT]; zero
+    # outside the image and in the padding channels. out is dense [P, C_P] rows, P = N*HP*WP.
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, C_P)
+    p_ok = offs_p < P
+    n = (offs_p // (HP * WP)).to(tl.int64)
+    i = (offs_p % (HP * WP)) // WP
+    j = offs_p % WP
+    tap = ch // C_IN
+    c = ch % C_IN
+    h = FACTOR * i[:, None] + (tap // FACTOR)[None, :] - TOP
+    w = FACTOR * j[:, None] + (tap % FACTOR)[None, :] - LEFT
+    ok = p_ok[:, None] & (ch < FACTOR * FACTOR * C_IN)[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x_ptr + n[:, None] * stride_xn + (c * stride_xc)[None, :] + h * stride_xh + w * stride_xw,
+                mask=ok, other=0.0)
+    tl.store(out_ptr + offs_p.to(tl.int64)[:, None] * C_P + ch[None, :], v, mask=p_ok[:, None])
+
+
+def _pack_stem_input(x: torch.Tensor, plan: _StemPlan, ho: int, wo: int) -> torch.Tensor:
+    """x (any strides) -> the packed conv's input, [N, _STEM_CHANNELS, HP, WP] dense channels_last."""
+    (kh, kw), (sh, sw), (dh, dw) = plan.kernel, plan.stride, plan.dilation
+    hp, wp = (ho - 1) * sh + dh * (kh - 1) + 1, (wo - 1) * sw + dw * (kw - 1) + 1
+    packed = torch.empty((x.shape[0], _STEM_CHANNELS, hp, wp), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last)
+    p = x.shape[0] * hp * wp
+    block_p = 64
+    with device_guard(x):
+        _stem_pack_kernel[(triton.cdiv(p, block_p),)](
+            x, packed, p, hp, wp, x.shape[2], x.shape[3], plan.top, plan.left, *x.stride(),
+            C_IN=x.shape[1], FACTOR=plan.factor, C_P=_STEM_CHANNELS, BLOCK_P=block_p)
+    LAUNCHES["conv_stem_pack"] += 1
+    return packed
+
+
+def _pack_stem_weight(weight: torch.Tensor, plan: _StemPlan) -> torch.Tensor:
+    """[Cout, Cin, KH, KW] -> the packed conv's weight, [Cout, _STEM_CHANNELS, KHs, KWs] channels_last."""
+    cout, cin, kh, kw = weight.shape
+    f, (khs, kws), (eh, ew) = plan.factor, plan.kernel, plan.shift
+    taps = weight.new_zeros((cout, cin, khs * f, kws * f))
+    taps[:, :, eh:eh + kh, ew:ew + kw] = weight
+    # tap row a*f + r -> packed tap a, sub-row r; channels ordered (r, q, c) as the input packing.
+    taps = taps.view(cout, cin, khs, f, kws, f).permute(0, 2, 4, 3, 5, 1).reshape(cout, khs, kws, f * f * cin)
+    packed = torch.nn.functional.pad(taps, (0, _STEM_CHANNELS - f * f * cin))
+    return packed.permute(0, 3, 1, 2)
+
+
+# Packed stem weights, by the weight they pack: while its version counter says it is unchanged, or,
+# for a weight from the fold cache (never written to: a changed source makes a new fold), for good.
+# Inference tensors have no version counter: those from the fold are packed once by conv_bn_eval, any
+# other is packed every call.
+_PACKED_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _stem_weight(weight: torch.Tensor, plan: _StemPlan, folded: bool = False) -> torch.Tensor:
+    cached = _PACKED_WEIGHTS.get(weight)
+    if cached is not None and cached[0] == ("folded", plan):
+        return cached[1]
+    if folded:
+        key = ("folded", plan)
+    else:
+        try:
+            key = (weight._version, weight.data_ptr(), plan)
+        except RuntimeError:  # an inference tensor
+            return _pack_stem_weight(weight, plan)
+    if cached is None or cached[0] != key:
+        cached = _PACKED_WEIGHTS[weight] = (key, _pack_stem_weight(weight, plan))
+    return cached[1]
 
 
 # --- launcher -----------------------------------------------------------------
@@ -224,7 +365,7 @@ def _mode(x: torch.Tensor, kh: int, kw: int, stride, padding) -> str:
     if (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) \
             and x.is_contiguous(memory_format=torch.channels_last):
         return "gemm"
-    return "flat" if x.shape[1] < _FLAT_K_MAX_CIN else "implicit"
+    return "stem" if x.shape[1] < _STEM_CHANNELS else "implicit"
 
 
 def _out_hw(h, w, kh, kw, stride, padding, dilation):
@@ -292,11 +433,17 @@ def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu
     if m == 0 or cout == 0:
         return out
     mode = _mode(x, kh, kw, stride, padding)
+    if mode == "stem":
+        plan = _stem_plan(cin, kh, kw, stride, padding, dilation)
+        x, weight = _pack_stem_input(x, plan, ho, wo), _stem_weight(weight, plan)
+        (n, cin, h, w), (kh, kw) = x.shape, plan.kernel
+        stride, padding, dilation = plan.stride, (0, 0), plan.dilation
     sx = [x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
     if mode == "gemm":
         sx[1], sx[3] = 1, cin  # dense channels_last rows; strides of size-1 dims may be arbitrary
     res = residual if residual is not None else out  # never read when HAS_RES is False
     sr = [res.stride(0), res.stride(1), res.stride(2), res.stride(3)] if residual is not None else [0, 0, 0, 0]
+    res_rows = residual is not None and residual.is_contiguous(memory_format=torch.channels_last)
     fp32 = x.dtype == torch.float32
     if allow_tf32 is None:
         allow_tf32 = fp32_allows_tf32("conv")
@@ -315,8 +462,8 @@ def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu
             bias.stride(0), *sr,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             _m_bucket(m),
-            KH=kh, KW=kw, MODE=_MODES[mode], HAS_RES=residual is not None, RELU=bool(relu),
-            DOT_PRECISION=precision, UPCAST_DOT=upcast,
+            KH=kh, KW=kw, MODE=_MODES["gemm" if mode == "gemm" else "implicit"], HAS_RES=residual is not None,
+            RES_ROWS=res_rows, RELU=bool(relu), DOT_PRECISION=precision, UPCAST_DOT=upcast,
         )
     LAUNCHES[f"conv_bias_act.{mode}"] += 1
     return out
@@ -407,5 +554,7 @@ def conv_bn_eval(x, conv, bn, residual, relu, differentiable=False):
         w = w.to(x.dtype)
     else:
         w, b = fold.folded(conv, bn, x.device, x.dtype)
+        if _mode(x, *w.shape[2:], conv.stride, conv.padding) == "stem":  # its packing is cached with the fold
+            _stem_weight(w, _stem_plan(w.shape[1], *w.shape[2:], conv.stride, conv.padding, conv.dilation), True)
     return torch.ops.resnet_fast.triton_conv_bias_act(
         x, w, b, residual, list(conv.stride), list(conv.padding), list(conv.dilation), relu)
