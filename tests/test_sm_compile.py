@@ -1,4 +1,5 @@
-"""Every Triton kernel variant compiles to sm_80 and sm_90 cubin (no GPU needed)."""
+"""Every Triton kernel variant compiles to sm_80 and sm_90 cubin; the TMA candidates use TMA (no GPU needed)."""
+import json
 import os
 import subprocess
 import sys
@@ -18,3 +19,20 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sm_90: compiled" in proc.stdout
+
+
+def test_tma_candidates_compile_to_tma_and_wgmma_on_sm90():
+    """The TMA conv candidates, specialized as a launch specializes them (Triton's own binder on real
+    tensors), emit cp.async.bulk.tensor loads and wgmma on sm_90."""
+    pytest.importorskip("triton")
+    from resnet_fast.ops.triton import conv_tma
+    if not conv_tma.AVAILABLE:
+        pytest.skip("this triton has no tensor descriptors")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "tma_sm90_compile.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in results} == {conv_tma.GEMM, conv_tma.IMPLICIT}
+    for r in results:
+        assert r["tma"] and r["wgmma"], r

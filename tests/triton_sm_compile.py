@@ -24,8 +24,8 @@ from resnet_fast.ops.triton import pool as P
 def conv_variants(capability: int):
     """The fused conv in each mode (gemm, implicit, flat) with the largest tile config of the
     architecture: bf16, plus fp32 with TF32 dot on the implicit path."""
-    kernel = C._conv_bias_act_fwd_kernel.fn
-    config = (C._HOPPER_CONFIGS if capability >= 90 else C._AMPERE_CONFIGS)[0]
+    kernel = C._conv_bias_act_fwd_kernel
+    config = C.CANDIDATES["sm90" if capability >= 90 else "sm80"][0]
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     for dt, precision, modes in (("bf16", "ieee", C._MODES.values()), ("fp32", "tf32", (C._MODES["implicit"],))):
         for mode in modes:

@@ -20,7 +20,6 @@ from resnet_fast.ops import dispatch, reference
 from resnet_fast.ops.conv_bn import conv_bn_act
 
 require_triton_here()
-import triton  # noqa: E402
 from resnet_fast.ops.triton import conv as triton_conv  # noqa: E402
 
 ON_CPU = DEVICE.type == "cpu"
@@ -219,74 +218,6 @@ def test_tf32_follows_torch_settings():
             with fp32_precision(conv, matmul):
                 assert fp32_allows_tf32("conv") is (conv == "tf32")
                 assert fp32_allows_tf32("matmul") is (matmul == "tf32")
-
-
-def test_prune_keeps_hopper_configs_off_ampere(monkeypatch):
-    args = dict(M=256 * 56 * 56, C_IN=256, C_OUT=512, KH=1, KW=1, MODE=0,
-                x_ptr=rand(1, 1, 1, 1, dtype=torch.float16))
-    configs = triton_conv._GPU_CONFIGS
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((9, 0), 227 * 1024))
-    hopper = triton_conv._prune_configs(configs, args)
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((8, 6), 99 * 1024))
-    ampere = triton_conv._prune_configs(configs, args)
-    assert any(c is h for c in hopper for h in triton_conv._HOPPER_CONFIGS)
-    assert ampere and not any(c is h for c in ampere for h in triton_conv._HOPPER_CONFIGS)
-    for c in ampere:  # everything kept fits sm86's shared memory
-        assert c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 99 * 1024
-    # A 64-channel layer gets no 128/256-wide Cout tiles.
-    narrow = triton_conv._prune_configs(configs, dict(args, C_OUT=64))
-    assert narrow and all(c.kwargs["BLOCK_N"] <= 64 for c in narrow)
-
-
-def test_autotune_key_has_no_pointers():
-    kernel = triton_conv._conv_bias_act_fwd_kernel
-    assert not any(k.endswith("_ptr") for k in kernel.keys)
-    assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys
-
-
-@pytest.mark.skipif(not ON_CPU, reason="on CUDA the real autotuner is tested below")
-def test_autotuner_prunes_and_caches_per_shape_bucket(monkeypatch):
-    """Drive triton's multi-config autotuner (the GPU path) around the same
-    kernel with a fake timer, since the interpreter cannot time kernels."""
-    benched = []
-
-    def fake_do_bench(fn, quantiles=None, **kwargs):
-        fn()
-        benched.append(1)
-        return [float(len(benched))] * 3 if quantiles else float(len(benched))
-
-    configs = [triton_conv._config(32, 32, 16, 4, 4, 1), triton_conv._config(16, 32, 16, 4, 4, 1),
-               triton_conv._config(256, 256, 64, 8, 8, 3)]  # too big for this problem: pruned
-    tuner = triton.autotune(configs=configs, key=triton_conv._conv_bias_act_fwd_kernel.keys,
-                            prune_configs_by={"early_config_prune": triton_conv._prune_configs},
-                            do_bench=fake_do_bench)(triton_conv._conv_bias_act_fwd_kernel.fn)
-    monkeypatch.setattr(triton_conv, "_conv_bias_act_fwd_kernel", tuner)
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((9, 0), 227 * 1024))
-    w, b = rand(24, 20, 3, 3, scale=0.1), rand(24)
-
-    def conv(x, weight):
-        out = triton_conv.conv_bias_act(x, weight, b, None, 1, 1, relu=True)
-        torch.testing.assert_close(out, F.relu(F.conv2d(x, weight, b, 1, 1)), atol=1e-4, rtol=1e-4)
-
-    conv(rand(2, 20, 7, 9), w)  # M = 126
-    assert len(tuner.cache) == 1 and len(benched) == 2
-    # New tensors (new data pointers), another batch/size in the same M bucket: no re-tune.
-    conv(rand(2, 20, 7, 9), w.clone())
-    conv(rand(1, 20, 9, 13), w)  # M = 117
-    assert len(tuner.cache) == 1 and len(benched) == 2
-
-
-@pytest.mark.gpu
-def test_autotune_runs_once_per_shape_bucket():
-    kernel = triton_conv._conv_bias_act_fwd_kernel
-    w, b = rand(64, 32, 3, 3, dtype=torch.float16, scale=0.1), rand(64)
-    triton_conv.conv_bias_act(rand(4, 32, 14, 14, dtype=torch.float16), w, b, None, 1, 1)
-    tuned = dict(kernel.cache)
-    # New tensors (new data pointers), a batch in the same M bucket, a new weight copy:
-    triton_conv.conv_bias_act(rand(3, 32, 14, 14, dtype=torch.float16), w.clone(), b.clone(), None, 1, 1)
-    assert kernel.cache == tuned
-
-
 
 
 # --- conv_bn_act: the eval op a block calls, on every backend ---------------------------
