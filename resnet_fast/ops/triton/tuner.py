@@ -196,7 +196,10 @@ def source_hash(family: Family) -> str:
     if family.name not in _SOURCE_HASHES:
         digest = hashlib.sha256()
         for path in (*family.sources, __file__):
-            digest.update(Path(path).read_bytes())
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError:  # no readable source (e.g. a zipped install): the path and version stand in
+                digest.update(f"{path} {triton.__version__}".encode())
         _SOURCE_HASHES[family.name] = digest.hexdigest()[:16]
     return _SOURCE_HASHES[family.name]
 
