@@ -122,7 +122,7 @@ def bench_conv(spec, batch, dtype, use_compile, do_bench, warmup, rep, device="c
     expected = eager()
     result = dict(spec, ms={}, tflops={})
     for label, fn in fns.items():
-        out = fn()  # autotunes / compiles outside the timed region
+        out = fn()  # tunes / compiles outside the timed region
         result.setdefault("max_abs_diff_vs_eager", {})[label] = (out.float() - expected.float()).abs().max().item()
         result["ms"][label] = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
     if cin < triton_conv._STEM_CHANNELS:  # the packed stem: what packing costs

@@ -5,15 +5,19 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh STEP...    # only these (build is prepended unless SKIP_BUILD=1)
 #   DRY_RUN=1 bash benchmarks/gpu_session.sh                # no GPU: the CPU-runnable parts, at toy sizes
 #
-# Steps, in default order: build gpu_tests headline ceilings headline_compile bench_train gpu_tests_wide
+# Steps, in default order: build gpu_tests tune headline ceilings headline_compile bench_train gpu_tests_wide
 # bench_infer sanitize bench_convs bench_ops plot. Every command runs under `timeout`; a failing step does
 # not stop the next. A step starts only if its minimum time is left of BUDGET_S (default 570 s, under
 # the device's 10 minutes), so a later call can pick up the skipped ones; plot always runs last.
-# Triton's compile and autotune caches and inductor's live in build/ (kept on a warm machine), so
-# benchmarks reuse what the tests compiled and a second call reuses the first's.
-# Output in $OUT (8 files at most): log.txt, bench_infer_<stamp>.json and bench_train_<stamp>.json
-# (`resnet-fast bench --json` records, every run of the call merged), ceilings_*.json, sanitize_*.json,
-# convs_*.json, ops_*.json, bench.png. Exit status: 0 if no step failed (skipped steps do not count).
+# Triton's compile cache, resnet_fast's tuning cache and inductor's live in build/ (kept on a warm machine), so
+# benchmarks reuse what the tests compiled and tuned, and a second call reuses the first's. The tune step uses
+# fresh tuning caches of its own: every candidate of every conv and pool shape is validated there (any 8-warp
+# miscompile shows up as a discarded candidate in its log) and the first call is timed cold and warm.
+# Output in $OUT (9 files at most): log.txt, tuning_<stamp>.json (`resnet-fast tune --json` records: per call
+# the survivors' times and every discarded candidate with its reason; first_call_s of each cold and warm run),
+# bench_infer_<stamp>.json and bench_train_<stamp>.json (`resnet-fast bench --json` records, every run of the
+# call merged), ceilings_*.json, sanitize_*.json, convs_*.json, ops_*.json, bench.png. Exit status: 0 if no
+# step failed (skipped steps do not count).
 #
 # Environment: OUT, BUDGET_S, DRY_RUN, SKIP_BUILD, COMPILE_MODE (torch.compile mode of headline_compile;
 # default: the bench's, max-autotune), MAX_JOBS.
@@ -37,15 +41,15 @@ trap 'rm -rf "$WORK"' EXIT
 
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=$ROOT/build/triton-cache
-export TRITON_CACHE_AUTOTUNING=1  # autotune results on disk: later processes skip re-tuning
+export RESNET_FAST_CACHE_DIR=$ROOT/build/resnet-fast-cache  # tuned choices on disk: later processes skip tuning
 export TORCHINDUCTOR_CACHE_DIR=$ROOT/build/inductor-cache
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
-ALL_STEPS=(build gpu_tests headline ceilings headline_compile bench_train gpu_tests_wide bench_infer sanitize
+ALL_STEPS=(build gpu_tests tune headline ceilings headline_compile bench_train gpu_tests_wide bench_infer sanitize
            bench_convs bench_ops plot)
 # name -> "limit_s min_s": the most a step may take, and the least worth starting it with.
 declare -A LIMITS=(
-  [build]="300 60" [gpu_tests]="330 60" [headline]="200 45" [ceilings]="90 25" [headline_compile]="330 150"
+  [build]="300 60" [gpu_tests]="330 60" [tune]="300 90" [headline]="200 45" [ceilings]="90 25" [headline_compile]="330 150"
   [bench_train]="270 120" [gpu_tests_wide]="330 120" [bench_infer]="420 90" [sanitize]="420 150"
   [bench_convs]="240 60" [bench_ops]="200 60" [plot]="60 0"
 )
@@ -56,7 +60,13 @@ ARCHS_ALL=resnet18,resnet50,resnet101,resnet152
 ARCHS_REST=resnet18,resnet101,resnet152  # resnet50 bf16 b256 is the headline
 TRAIN=(--mode train --arch resnet50 --batch-size 256 --dtype bf16 --channels-last --img-size 224)
 SHORT=(--iters 20 --warmup 5)
+# `resnet-fast tune` runs: cold then warm on one fresh cache each (the headline first, then batch 1 and ResNet-D).
+TUNES=("--arch resnet50 --batch-size 256 --dtype bf16" "--arch resnet18 --batch-size 1 --dtype bf16"
+       "--arch resnet50d --batch-size 32 --dtype fp16")
+TUNE_DEVICE=(--device cuda --img-size 224)
 if [[ $DRY_RUN == 1 ]]; then
+  TUNES=("--arch resnet18 --batch-size 1 --dtype fp32")
+  TUNE_DEVICE=(--device cpu --img-size 16)
   HEADLINE=(--arch resnet18 --dtype bf16 --channels-last)
   TRAIN=(--mode train --arch resnet18 --dtype bf16 --channels-last)
   ARCHS_ALL=resnet18
@@ -141,6 +151,23 @@ step_gpu_tests() {
   [[ $DRY_RUN == 1 ]] && where=tests/test_gpu_models.py  # on CPU they all skip; collect just this file
   tb env RESNET_FAST_GPU_TIER=quick RESNET_FAST_REQUIRE_EXT=1 python -m pytest -v --tb=short -m gpu -p no:cacheprovider \
     --continue-on-collection-errors -rfEs --durations=25 "$where"
+}
+
+step_tune() {
+  local rc=0 args cache run tmp interp=()
+  [[ $DRY_RUN == 1 ]] && interp=(TRITON_INTERPRET=1)
+  for args in "${TUNES[@]}"; do
+    cache=$(mktemp -d "$WORK/tune-cache.XXXXXX")
+    for run in cold warm; do  # the warm run must tune nothing: its last line says "tuned 0 keys"
+      NRUN=$((NRUN + 1))
+      tmp=$WORK/tune_${NRUN}_$run.json
+      # shellcheck disable=SC2086  # $args holds several flags
+      tb env RESNET_FAST_CACHE_DIR="$cache" "${interp[@]}" python -m resnet_fast tune $args "${TUNE_DEVICE[@]}" \
+        --channels-last --json "$tmp" || rc=1
+      [[ -s $tmp ]] && merge_json "$OUT/tuning_$STAMP.json" "$tmp"
+    done
+  done
+  return "$rc"
 }
 
 step_headline() {

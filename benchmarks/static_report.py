@@ -9,14 +9,18 @@ What it compiles is what a real launch would run, found the way a launch finds i
      and dtypes. (The train forward's bn_act_fwd calls also stand for the backward, add_relu and
      scale_bias_act calls at the same shapes, in channels_last and NCHW.)
   2. Each recorded call is replayed through the op's real Python implementation on meta tensors, with
-     every kernel swapped for a recorder: the exact arguments and constexprs each launcher passes.
+     every kernel swapped for a recorder: the exact arguments and constexprs each launcher passes. Where
+     the op asks the tuner (resnet_fast/ops/triton/tuner.py) for a shape key's choice, the replay is
+     repeated until it has handed out every Triton candidate of tuner.candidates(target, key), the list
+     the tuner tries on that GPU (cp.async tiles, and on sm_90 the TMA variants): each launch is the one
+     conv.kernel_call / the pool launcher makes for that candidate.
   3. Each launch is specialized as triton's JITFunction.run specializes it (with its own binder: pointers
-     16-byte aligned or not, ints divisible by 16 -> tt.divisibility, ints equal to 1 -> constants), once
-     per candidate config (the autotuned conv: report_candidates(); the other kernels: their launch
-     options), and compiled to cubin for the target. Identical specializations compile once.
+     16-byte aligned or not, ints divisible by 16 -> tt.divisibility, ints equal to 1 -> constants, tensor
+     descriptors), and compiled to cubin for the target. Identical specializations compile once.
 
 Dtypes: bf16, fp16, fp32 (torch's defaults: TF32 convs, IEEE fc) and fp32-ieee (TF32 off for convs too).
-One record per (kernel, shape, dtype, config): registers and spill_bytes from the cubin's resource usage
+One record per (kernel, shape, dtype, config; config: a tuner candidate's tiles, warps and stages):
+registers and spill_bytes from the cubin's resource usage
 (spill_bytes: the per-thread local-memory stack frame, which the driver reports as
 CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES and triton as 4 x n_spills), shared_bytes (triton's metadata), wgmma
 ("wgmma.mma_async" in the PTX), tma ("cp.async.bulk.tensor"), cp_async, mma_sync, div_rem (integer div/rem
@@ -35,7 +39,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -56,15 +59,19 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 import resnet_fast  # noqa: E402
 from resnet_fast import models  # noqa: E402
 from resnet_fast.ops import dispatch  # noqa: E402
-from resnet_fast.ops.triton import _common, add_relu, bn_act, conv, pool  # noqa: E402
+from resnet_fast.ops.triton import add_relu, bn_act, conv, conv_tma, pool, tuner  # noqa: E402
 
-# capability, SMs (sizes the BN kernels' grids), opt-in shared memory per block: H100/H200 SXM, A100.
-ARCHS = {"sm_90": (90, 132, 232448), "sm_80": (80, 108, 166912)}
+# capability, SMs (sizes the BN kernels' grids), the tuner's target: H100/H200 SXM, A100.
+ARCHS = {"sm_90": (90, 132, "sm90"), "sm_80": (80, 108, "sm80")}
 # Report dtype -> (tensor dtype, whether fp32 convs may use TF32: None = torch's default, as a GPU conv
 # runs unless the user changes it; the fc always follows torch's matmul setting, IEEE by default).
 DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None), "fp32": (torch.float32, None),
           "fp32-ieee": (torch.float32, False)}
-KERNEL_MODULES = (conv, pool, bn_act, add_relu)
+KERNEL_MODULES = (conv, conv_tma, pool, bn_act, add_relu)
+# The kernels whose launch parameters are a tuner candidate's, by tuning family.
+TUNED = {conv._conv_bias_act_fwd_kernel: conv.FAMILY.name, conv_tma._conv_tma_gemm_kernel: conv.FAMILY.name,
+         conv_tma._conv_tma_implicit_kernel: conv.FAMILY.name, pool._max_pool_3x3s2_fwd_kernel: pool.FAMILY.name,
+         pool._avg_pool_2x2_ceil_fwd_kernel: pool.FAMILY.name, pool._global_avg_pool_fwd_kernel: pool.FAMILY.name}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -177,8 +184,7 @@ class _Recorder:
 
 
 def _kernels(module):
-    return {n: k for n, k in vars(module).items() if isinstance(k, (JITFunction, triton.runtime.Autotuner))
-            and n.endswith("_kernel")}
+    return {n: k for n, k in vars(module).items() if isinstance(k, JITFunction) and n.endswith("_kernel")}
 
 
 @contextlib.contextmanager
@@ -199,38 +205,46 @@ def recording(sm_count: int, launches: list):
         yield
 
 
-def replay(name: str, args, kwargs, sm_count: int, conv_tf32=None) -> list[tuple]:
-    """[(kernel, args, kwargs, mode)] the op's real implementation launches for these (meta) arguments."""
-    launches: list = []
-    before = Counter(_common.LAUNCHES)
-    with recording(sm_count, launches), contextlib.ExitStack() as stack:
-        if conv_tf32 is not None:
-            stack.enter_context(mock.patch.object(conv, "fp32_allows_tf32", lambda op="conv": conv_tf32))
-        OPDEFS[name]._init_fn(*[_meta(a) for a in args], **kwargs)
-    counted = Counter(_common.LAUNCHES) - before
-    conv_modes = [k.split(".", 1)[1] for k in counted if k.startswith("conv_bias_act.")]
-    out = []
-    for kernel, a, kw in launches:
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        if fn is conv._conv_bias_act_fwd_kernel.fn:
-            mode = conv_modes[0]
-        else:
-            x = next(t for t in a if isinstance(t, torch.Tensor))
-            mode = "cl" if x.dim() == 4 and not x.is_contiguous() else "nchw" if x.dim() == 4 else "-"
-        out.append((kernel, a, kw, mode))
-    return out
+def _layout(args) -> str:
+    x = next(t for t in args if isinstance(t, torch.Tensor))
+    return "cl" if x.dim() == 4 and not x.is_contiguous() else "nchw" if x.dim() == 4 else "-"
 
 
-def report_candidates(arch: str, kernel, args: tuple, kwargs: dict) -> list[triton.Config]:
-    """The configs a launch of `kernel` may run on `arch`: the conv's autotune configs its pruning keeps
-    there, or the launch's own options. (The one place the report learns the candidates.)"""
-    if not isinstance(kernel, triton.runtime.Autotuner):
-        return [triton.Config({}, num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))]
-    capability, _, smem = ARCHS[arch]
-    named = dict(zip(kernel.arg_names, args))
-    limits = ((capability // 10, capability % 10), smem)
-    with mock.patch.object(conv, "_device_limits", lambda device: limits):
-        return conv._prune_configs(kernel.configs, named, **kwargs)
+def replay(name: str, args, kwargs, sm_count: int, target: str, conv_tf32=None) -> list[tuple]:
+    """[(kernel, args, kwargs, mode, candidate)]: the launches the op's real implementation makes for these
+    (meta) arguments, once with each Triton candidate the tuner tries on `target` for each shape key the op
+    asks about (candidate: None for a kernel the tuner does not pick)."""
+    options: dict = {}  # shape key -> the tuner's Triton candidates for it
+    out, step = [], 0
+    while True:
+        launches: list = []
+
+        def choose(family, key, device):
+            listed = options.setdefault(key, [c for c in tuner.candidates(target, key) if not c.is_torch])
+            candidate = listed[min(step, len(listed) - 1)]
+            launches.append((family.name, key, candidate))  # the choice, before the launches it makes
+            return candidate
+
+        with recording(sm_count, launches), contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(tuner, "choose", choose))
+            if conv_tf32 is not None:
+                stack.enter_context(mock.patch.object(conv, "fp32_allows_tf32", lambda op="conv": conv_tf32))
+            OPDEFS[name]._init_fn(*[_meta(a) for a in args], **kwargs)
+        chosen: dict = {}  # family -> (key, candidate) of its latest choice
+        for entry in launches:
+            if isinstance(entry[0], str):
+                chosen[entry[0]] = entry[1:]
+                continue
+            kernel, a, kw = entry
+            family = TUNED.get(kernel)
+            if family is None:
+                out.append((kernel, a, kw, _layout(a), None))
+                continue
+            key, candidate = chosen[family]
+            out.append((kernel, a, kw, key.mode if family == conv.FAMILY.name else _layout(a), candidate))
+        step += 1
+        if step >= max(map(len, options.values()), default=0):
+            return out
 
 
 # --- 3. specialize and compile ---------------------------------------------------------------------------
@@ -266,7 +280,6 @@ def compile_one(job) -> dict:
     """Compile one specialization (in a worker process) and read what the report needs from it."""
     module, name, signature, constexprs, attrs, options, capability = job
     fn = getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)
-    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
                             options=options)
@@ -292,7 +305,7 @@ def _module_attr(fn: JITFunction) -> tuple[str, str]:
 
 def collect_launches(args) -> list[dict]:
     """Every distinct (kernel, shape, dtype, candidate) with its compile job."""
-    capability, sm_count, _ = ARCHS[args.arch]
+    capability, sm_count, target = ARCHS[args.arch]
     backend = make_backend(GPUTarget("cuda", capability, 32))
     entries, seen = [], set()
     for dtype_name in args.dtypes.split(","):
@@ -306,18 +319,17 @@ def collect_launches(args) -> list[dict]:
                 if (name, label, dtype_name) in seen:
                     continue
                 seen.add((name, label, dtype_name))
-                for kernel, a, kw, mode in replay(name, call_args, call_kwargs, sm_count, conv_tf32):
-                    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+                for fn, a, kw, mode, candidate in replay(name, call_args, call_kwargs, sm_count, target, conv_tf32):
                     if args.only and not re.search(args.only, f"{fn.__name__.lstrip('_')} {mode} {label}"):
                         continue
-                    for config in report_candidates(args.arch, kernel, a, kw):
-                        spec = specialize(fn, backend, a, {**kw, **config.all_kwargs()})
-                        entries.append({
-                            "kernel": fn.__name__.lstrip("_"), "mode": mode, "shape": label, "dtype": dtype_name,
-                            "arch": args.arch, "config": {**config.kwargs, "num_warps": spec[3].num_warps,
-                                                          "num_stages": spec[3].num_stages},
-                            "models": [model], "_key": _compile_key(fn, *spec),
-                            "_job": (*_module_attr(fn), spec[0], spec[1], spec[2], spec[3].__dict__, capability)})
+                    spec = specialize(fn, backend, a, kw)
+                    tiles = candidate.kwargs if candidate is not None else {}
+                    entries.append({
+                        "kernel": fn.__name__.lstrip("_"), "mode": mode, "shape": label, "dtype": dtype_name,
+                        "arch": args.arch, "config": {**tiles, "num_warps": spec[3].num_warps,
+                                                      "num_stages": spec[3].num_stages},
+                        "models": [model], "_key": _compile_key(fn, *spec),
+                        "_job": (*_module_attr(fn), spec[0], spec[1], spec[2], spec[3].__dict__, capability)})
     return _merge_models(entries)
 
 

@@ -1,4 +1,4 @@
-"""The `resnet-fast` command: bench (the default), train, info."""
+"""The `resnet-fast` command: bench (the default), train, tune, info."""
 from __future__ import annotations
 
 import argparse
@@ -17,12 +17,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, train
+    from . import bench, train, tune
 
     parser = argparse.ArgumentParser(prog="resnet-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     bench.add_arguments(sub.add_parser("bench", help="benchmark resnet_fast against torchvision and torch.compile"))
     train.add_arguments(sub.add_parser("train", help="train a model (tutorial recipes, ImageFolder, CIFAR-10)"))
+    tune.add_arguments(sub.add_parser("tune", help="tune a model's Triton kernels ahead of time (cached on disk)"))
     sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
     return parser
 
@@ -38,5 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train":
         from . import train
         return train.run(args)
+    if args.command == "tune":
+        from . import tune
+        return tune.run(args)
     from . import bench
     return bench.run(args)

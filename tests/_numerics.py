@@ -1,8 +1,4 @@
-"""What every numerics test shares: the 2x rule, its floors, a dispatch spy, the TF32 switch.
-
-The 2x rule (flash-attention's): our error against a float64 reference is at most twice eager
-PyTorch's own error in the same precision, plus a small floor relative to the reference's size.
-"""
+"""What every numerics test shares: the 2x rule (resnet_fast.numerics), a dispatch spy, the TF32 switch."""
 from __future__ import annotations
 
 import contextlib
@@ -11,34 +7,18 @@ from typing import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from resnet_fast.numerics import FLOOR, within_2x  # noqa: F401  (FLOOR: re-exported)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# The floor: two roundings of a half type; for fp32 room for another summation order over a few
-# hundred terms. Absolute for values of order one (a result that cancels to ~0 keeps the rounding
-# noise of its inputs), relative beyond; relative to the whole tensor in the L2 norm.
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2 ** -9, torch.bfloat16: 2 ** -6}
-
-
-def error(ours: torch.Tensor, ref: torch.Tensor, norm: str = "max") -> float:
-    d = ours.detach().double().cpu() - ref.detach().double().cpu()
-    return (d.abs().max() if norm == "max" else d.norm()).item() if d.numel() else 0.0
 
 
 def assert_2x(ours: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = None,
               what: str = "output", norm: str = "max") -> None:
-    """|ours - ref| <= 2 |eager - ref| + FLOOR[dtype] * scale, in the max norm with scale = max(1, |ref|),
-    or in the L2 norm with scale = |ref| (for whole noisy tensors, e.g. a training step's gradients).
+    """resnet_fast.numerics.within_2x as an assertion (the rule the tuner judges kernels by).
 
     dtype defaults to eager's: the precision whose own error sets the bar."""
-    dtype = dtype or eager.dtype
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    size = error(ref, torch.zeros_like(ref), norm)
-    scale = size if norm == "l2" else max(1.0, size)
-    err, eager_err = error(ours, ref, norm), error(eager, ref, norm)
-    bound = 2 * eager_err + FLOOR[dtype] * scale
-    assert err <= bound, (f"{what}: error {err:.3g} > 2 x eager's {eager_err:.3g} + floor "
-                          f"{FLOOR[dtype] * scale:.3g} ({dtype}, |ref| {size:.3g})")
+    verdict = within_2x(ours.cpu(), eager.cpu(), ref.cpu(), dtype or eager.dtype, norm)
+    assert verdict.ok, f"{what}: {verdict.why}"
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,8 +26,10 @@ import torch
 import resnet_fast
 
 from .. import envinfo
-from .contenders import (COMPILE, ERROR_CALLS, IMPLS, Spec, base_model, build, default_impls, describe_reference,
-                         errors, inputs, reference, unsupported)
+from ..ops import dispatch
+from . import first_call
+from .contenders import (COMPILE, ERROR_CALLS, IMPLS, RESNET_FAST, Spec, base_model, build, default_impls,
+                         describe_reference, errors, inputs, reference, unsupported)
 from .report import check_writable, table, write_csv, write_json
 from .timing import MIN_ROUNDS, Progress, Timer, interleaved, throughput
 
@@ -85,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="resnet_fast backend for the resnet_fast contender (default: the current one, "
                         "RESNET_FAST_BACKEND or auto)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--no-first-call", action="store_true",
+                   help="skip timing resnet_fast's first call in new processes with a cold and a warm tuning cache "
+                        "(measured where its convs run on the tuned Triton kernels)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES,
                    help="torch.compile mode (default: max-autotune for CUDA inference, else default); "
                         "inference also turns on inductor's freezing")
@@ -126,6 +131,7 @@ class Plan(NamedTuple):
     warmup: int
     iters: int
     max_time: Optional[float]
+    first_call: bool = True
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -144,7 +150,7 @@ def plan(args: argparse.Namespace) -> Plan:
     backend = args.backend or resnet_fast.get_backend()
     if backend != "auto":
         try:
-            resnet_fast.backend.require(backend, device)
+            dispatch.require(backend, device)
         except RuntimeError as exc:
             raise ValueError(f"--backend {backend}: {exc}") from None
     archs = _comma_list(args.arch) or ["resnet50"]
@@ -178,7 +184,7 @@ def plan(args: argparse.Namespace) -> Plan:
             if why:
                 raise ValueError(f"--impls: {why}")
         runs.append((spec, impls))
-    return Plan(runs, warmup, iters, max_time)
+    return Plan(runs, warmup, iters, max_time, not args.no_first_call)
 
 
 def _warm_up(step, calls: int, checked: int, timer: Timer, progress: Progress) -> tuple[list, float]:
@@ -197,6 +203,13 @@ def _warm_up(step, calls: int, checked: int, timer: Timer, progress: Progress) -
 
 def _bench(spec: Spec, impls: list[str], todo: Plan, progress: Progress) -> list[dict]:
     """One configuration: records (without run-wide fields) in impls order."""
+    first = {}
+    if todo.first_call and RESNET_FAST in impls and first_call.applies(spec):
+        progress.set_description(f"{spec.arch} first call, cold and warm tuning cache")
+        try:
+            first = first_call.measure(spec)
+        except RuntimeError as exc:  # reported; the benchmark itself goes on
+            progress.write(f"resnet-fast bench: first-call measurement failed on {spec.arch}: {exc}")
     progress.set_description(f"{spec.arch} reference")
     base = base_model(spec)
     x, y = inputs(spec)
@@ -231,6 +244,8 @@ def _bench(spec: Spec, impls: list[str], todo: Plan, progress: Progress) -> list
         done[impl]["iters"] = len(times.get(impl, ()))  # rounds actually timed
         done[impl]["speedup_vs"] = {other: mine["img_per_s"] / s["img_per_s"]
                                     for other, s in stats.items() if other != impl} if mine else {}
+    if RESNET_FAST in done and todo.first_call:
+        done[RESNET_FAST].update({**dict.fromkeys(first_call.FIELDS), **first})
     return [done[impl] for impl in impls]
 
 

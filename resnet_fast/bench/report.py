@@ -7,6 +7,7 @@ import os
 import shlex
 from typing import Iterable, Optional
 
+from . import first_call
 from .contenders import COMPILE, EAGER, EAGER_CL, RESNET_FAST, RF_TORCH, TORCHSCRIPT
 
 # Required record fields first, in this order, in the CSV too.
@@ -87,7 +88,8 @@ def table(records: list[dict]) -> str:
                          *speedups, f"{r['setup_s']:.1f}", f"{r['warmup_s']:.1f}",
                          f"{r['max_abs_err']:.2e}", f"{r['max_rel_err']:.2e}",
                          *([f"{r['step1_loss_err']:.2e}", f"{r['step2_loss_err']:.2e}"] if train else [])])
-        blocks.append(title + "\n" + _align(rows))
+        first = "".join(first_call.line(r) for r in group if r["impl"] == RESNET_FAST)
+        blocks.append(title + "\n" + _align(rows) + (f"\n{first}" if first else ""))
     return "\n\n".join(blocks)
 
 

@@ -21,8 +21,8 @@ from resnet_fast.ops import dispatch, reference
 from resnet_fast.ops.conv_bn import conv_bn_act
 
 require_triton_here()
-import triton  # noqa: E402
 from resnet_fast.ops.triton import conv as triton_conv  # noqa: E402
+from resnet_fast.ops.triton.tuner import Candidate  # noqa: E402
 
 ON_CPU = DEVICE.type == "cpu"
 DTYPES = KERNEL_DTYPES
@@ -156,8 +156,7 @@ def test_stem_packing_preserves_the_conv():
         w = rand(3, cin, k, k, dtype=torch.float64)
         want = F.conv2d(x, w, None, s, p, d)
         plan = triton_conv._stem_plan(cin, k, k, (s, s), (p, p), (d, d))
-        with launched("conv_stem_pack"):
-            packed = triton_conv._pack_stem_input(x, plan, *want.shape[2:])
+        packed = triton_conv._pack_stem_input(x, plan, *want.shape[2:])  # torch.empty until the kernel writes
         got = F.conv2d(packed, triton_conv._pack_stem_weight(w, plan), None, plan.stride, 0, plan.dilation)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"cin={cin} k={k} s={s} p={p} d={d}")
 
@@ -180,38 +179,40 @@ def test_stem_weight_is_packed_with_the_fold(monkeypatch):
     """conv_bn_eval under inference_mode (folded weights without a version counter): one packing per fold."""
     packs = []
     real = triton_conv._pack_stem_weight
-    monkeypatch.setattr(triton_conv, "_pack_stem_weight", lambda w, plan: packs.append(1) or real(w, plan))
     conv = nn.Conv2d(3, 8, 7, 2, 3, bias=False).eval().to(DEVICE)
     bn = nn.BatchNorm2d(8).eval().to(DEVICE)
     x = rand(1, 3, 9, 9)
     with torch.inference_mode():
+        first = triton_conv.conv_bn_eval(x, conv, bn, None, True)  # folds, packs, tunes (the trials pack their own)
+        monkeypatch.setattr(triton_conv, "_pack_stem_weight", lambda w, plan: packs.append(1) or real(w, plan))
         for _ in range(3):
-            with launched("conv_bias_act.stem"):
+            with launched("conv_bias_act.stem"), launched("conv_stem_pack"):
                 out = triton_conv.conv_bn_eval(x, conv, bn, None, True)
-    assert len(packs) == 1
+    assert not packs and torch.equal(out, first)
     with torch.no_grad():
         bn.running_var.mul_(2)  # a new fold, packed again
     with torch.inference_mode():
         again = triton_conv.conv_bn_eval(x, conv, bn, None, True)
-    assert len(packs) == 2 and not torch.equal(out, again)
+    assert len(packs) == 1 and not torch.equal(out, again)
     torch.testing.assert_close(again, F.relu(bn(conv(x))), atol=1e-5, rtol=1e-5)
 
 
 # --- the epilogue's branches ----------------------------------------------------------------
 
+WIDE_TILE = Candidate.make("conv", 4, 1, BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=4)
+
+
 @pytest.fixture
 def wide_tile_launches(monkeypatch):
-    """The conv kernel with a 32x128 tile (the epilogue adds a residual one half at a time); records
-    each launch's keyword arguments (the constexprs)."""
+    """The conv kernel, recording each launch's keyword arguments (the constexprs)."""
     kernel = triton_conv._conv_bias_act_fwd_kernel
-    tuner = triton.autotune(configs=[triton_conv._config(32, 128, 32, 4, 4, 1)], key=kernel.keys)(kernel.fn)
     calls = []
 
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 calls.append(kwargs)
-                return tuner[grid](*args, **kwargs)
+                return kernel[grid](*args, **kwargs)
             return launch
 
     monkeypatch.setattr(triton_conv, "_conv_bias_act_fwd_kernel", Recorder())
@@ -221,14 +222,16 @@ def wide_tile_launches(monkeypatch):
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("residual_layout", ["channels_last", "nchw", None])
 def test_conv_wide_tile_epilogue(wide_tile_launches, k, residual_layout):
-    # Cout 136: two N tiles of 128, the second mostly masked, in both halves of the split epilogue.
+    """A 32x128 tile: the epilogue adds a residual one half of the columns at a time. Cout 136: two N
+    tiles of 128, the second mostly masked, in both halves."""
     x = rand(2, 24, 5, 6)
     w, b = rand(136, 24, k, k, scale=(24 * k * k) ** -0.5), rand(136)
     r = rand(2, 136, 5, 6, cl=residual_layout == "channels_last") if residual_layout else None
-    with launched(f"conv_bias_act.{'gemm' if k == 1 else 'implicit'}"):
-        out = triton_conv.conv_bias_act(x, w, b, r, 1, k // 2, 1, relu=True)
-    assert wide_tile_launches[-1]["RES_ROWS"] is (residual_layout == "channels_last")
     args = (x, w, b, r, (1, 1), (k // 2, k // 2), (1, 1), True)
+    out = triton_conv.conv_bias_act_fwd(*args, candidate=WIDE_TILE)
+    (launch,) = wide_tile_launches
+    assert (launch["BLOCK_N"], launch["MODE"]) == (128, 0 if k == 1 else 1)
+    assert launch["RES_ROWS"] is (residual_layout == "channels_last")
     assert_2x(out, eager_conv(*args), reference_conv(*args), torch.float32)
 
 
@@ -330,95 +333,6 @@ def test_tf32_follows_torch_settings():
             with fp32_precision(conv, matmul):
                 assert fp32_allows_tf32("conv") is (conv == "tf32")
                 assert fp32_allows_tf32("matmul") is (matmul == "tf32")
-
-
-def test_prune_keeps_hopper_configs_off_ampere(monkeypatch):
-    args = dict(M=256 * 56 * 56, C_IN=256, C_OUT=512, KH=1, KW=1, MODE=0,
-                x_ptr=rand(1, 1, 1, 1, dtype=torch.float16))
-    configs = triton_conv._GPU_CONFIGS
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((9, 0), 227 * 1024))
-    hopper = triton_conv._prune_configs(configs, args)
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((8, 6), 99 * 1024))
-    ampere = triton_conv._prune_configs(configs, args)
-    assert any(c is h for c in hopper for h in triton_conv._HOPPER_CONFIGS)
-    assert ampere and not any(c is h for c in ampere for h in triton_conv._HOPPER_CONFIGS)
-    for c in ampere:  # everything kept fits sm86's shared memory
-        assert c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2 <= 99 * 1024
-    # A 64-channel layer gets no 128/256-wide Cout tiles.
-    narrow = triton_conv._prune_configs(configs, dict(args, C_OUT=64))
-    assert narrow and all(c.kwargs["BLOCK_N"] <= 64 for c in narrow)
-
-
-def test_prune_keeps_the_tiles_the_static_report_proves(monkeypatch):
-    """benchmarks/static_report.py compiles every kept config spill-free, with wgmma on Hopper: these
-    are the rules that make it so."""
-    def kept(capability, dtype=torch.float16, precision="tf32", **shape):
-        monkeypatch.setattr(triton_conv, "_device_limits", lambda device: (capability, 160 * 1024))
-        args = dict(M=256 * 56 * 56, C_IN=256, C_OUT=256, KH=1, KW=1, MODE=0, DOT_PRECISION=precision,
-                    x_ptr=rand(1, 1, 1, 1, dtype=dtype))
-        configs = triton_conv._prune_configs(triton_conv._GPU_CONFIGS, dict(args, **shape))
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs]
-
-    hopper = kept((9, 0))
-    assert hopper and all(bm >= 16 * warps and bk >= 32 for bm, _, bk, warps in hopper)  # wgmma, no K=16
-    stem = kept((9, 0), C_IN=16)
-    assert stem and all(bk == 16 for _, _, bk, _ in stem)  # the packed stems: 16 channels per K step
-    for capability, precision in (((8, 0), "tf32"), ((9, 0), "ieee"), ((8, 0), "ieee")):
-        fp32 = kept(capability, torch.float32, precision)  # fp32 operands in registers: smaller tiles
-        per_thread = 64 if precision == "tf32" else 32  # accumulator values per thread
-        assert fp32 and all(bm * bn <= per_thread * 32 * warps for bm, bn, _, warps in fp32)
-        assert precision == "tf32" or all(bk <= 32 for _, _, bk, _ in fp32)
-
-
-def test_autotune_key_has_no_pointers():
-    kernel = triton_conv._conv_bias_act_fwd_kernel
-    assert not any(k.endswith("_ptr") for k in kernel.keys)
-    assert "M_BUCKET" in kernel.keys and "M" not in kernel.keys
-
-
-@pytest.mark.skipif(not ON_CPU, reason="on CUDA the real autotuner is tested below")
-def test_autotuner_prunes_and_caches_per_shape_bucket(monkeypatch):
-    """Drive triton's multi-config autotuner (the GPU path) around the same
-    kernel with a fake timer, since the interpreter cannot time kernels."""
-    benched = []
-
-    def fake_do_bench(fn, quantiles=None, **kwargs):
-        fn()
-        benched.append(1)
-        return [float(len(benched))] * 3 if quantiles else float(len(benched))
-
-    configs = [triton_conv._config(32, 32, 32, 4, 4, 1), triton_conv._config(16, 32, 32, 4, 4, 1),
-               triton_conv._config(256, 256, 64, 8, 8, 3)]  # too big for this problem: pruned
-    tuner = triton.autotune(configs=configs, key=triton_conv._conv_bias_act_fwd_kernel.keys,
-                            prune_configs_by={"early_config_prune": triton_conv._prune_configs},
-                            do_bench=fake_do_bench)(triton_conv._conv_bias_act_fwd_kernel.fn)
-    monkeypatch.setattr(triton_conv, "_conv_bias_act_fwd_kernel", tuner)
-    monkeypatch.setattr(triton_conv, "_device_limits", lambda device: ((8, 0), 163 * 1024))
-    w, b = rand(24, 20, 3, 3, scale=0.1), rand(24)
-
-    def conv(x, weight):
-        out = triton_conv.conv_bias_act(x, weight, b, None, 1, 1, relu=True)
-        torch.testing.assert_close(out, F.relu(F.conv2d(x, weight, b, 1, 1)), atol=1e-4, rtol=1e-4)
-
-    conv(rand(2, 20, 7, 9), w)  # M = 126
-    assert len(tuner.cache) == 1 and len(benched) == 2
-    # New tensors (new data pointers), another batch/size in the same M bucket: no re-tune.
-    conv(rand(2, 20, 7, 9), w.clone())
-    conv(rand(1, 20, 9, 13), w)  # M = 117
-    assert len(tuner.cache) == 1 and len(benched) == 2
-
-
-@pytest.mark.gpu
-def test_autotune_runs_once_per_shape_bucket():
-    kernel = triton_conv._conv_bias_act_fwd_kernel
-    w, b = rand(64, 32, 3, 3, dtype=torch.float16, scale=0.1), rand(64)
-    triton_conv.conv_bias_act(rand(4, 32, 14, 14, dtype=torch.float16), w, b, None, 1, 1)
-    tuned = dict(kernel.cache)
-    # New tensors (new data pointers), a batch in the same M bucket, a new weight copy:
-    triton_conv.conv_bias_act(rand(3, 32, 14, 14, dtype=torch.float16), w.clone(), b.clone(), None, 1, 1)
-    assert kernel.cache == tuned
-
-
 
 
 # --- conv_bn_act: the eval op a block calls, on every backend ---------------------------

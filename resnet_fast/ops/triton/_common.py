@@ -1,18 +1,27 @@
-"""What every Triton op shares: its dtypes, its input checks, the TF32 rule, one launch counter."""
+"""What every Triton op shares: its dtypes, its input checks, the TF32 rule, the launch counters, the MMA step."""
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from .. import dispatch
 
 DTYPES = dispatch.IMPLS["triton"][1]  # float16, bfloat16, float32
+# Tuning keys name dtypes by string (they are stored as JSON); people read the short names.
+KEY_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_KEYS = {dtype: name for name, dtype in KEY_DTYPES.items()}
+SHORT_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 # Launches by kernel name ("conv_bias_act.gemm", "bn_sums", ...): tests read it to prove a kernel ran.
+# Only calls whose output reaches the caller count (the tuner's trial runs do not).
 LAUNCHES: Counter = Counter()
+# Calls the tuner sent down the torch path instead (cuDNN/oneDNN + fused epilogue), by op family.
+TORCH_PATH: Counter = Counter()
 
 
 def require_usable(x: Tensor, what: str) -> None:
@@ -62,3 +71,13 @@ def fp32_allows_tf32(op: str = "conv") -> bool:
         if setting != "none":
             return setting == "tf32"
     return False
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:
+        # Only under TRITON_INTERPRET: the interpreter's tl.dot returns garbage
+        # for bf16 operands, so it multiplies their exact fp32 values instead.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)

@@ -3,7 +3,8 @@
 Implicit GEMM over NHWC activations: rows are output pixels (M = N*Ho*Wo),
 columns are output channels (Cout), the reduction runs over (kh, kw, cin).
 Three ways to run a call, picked per call (`_mode`; LAUNCHES counts
-"conv_bias_act.<mode>"):
+"conv_bias_act.<mode>", and "conv_bias_act.tma_gemm" / ".tma_implicit" for the
+TMA variants in conv_tma.py):
 
   gemm      1x1 / stride 1 / pad 0 on a dense channels_last input: the input
             *is* an [M, Cin] matrix, so this is a plain GEMM.
@@ -15,6 +16,11 @@ Three ways to run a call, picked per call (`_mode`; LAUNCHES counts
 
 The epilogue indexes a dense channels_last residual by the output's row
 offsets (no div/mod); any other residual layout is read through its strides.
+
+Tile sizes (and, on sm_90, the TMA variants) are the tuner's choice per shape
+key (tuner.py): every candidate of CANDIDATES that _fits the key is validated
+against PyTorch before it can run, and the torch path (cuDNN/oneDNN + the
+fused epilogue) is a candidate too.
 
 Precision: fp16/bf16 operands accumulate in fp32. fp32 operands use TF32
 exactly when cuDNN would for a convolution (torch.backends.cudnn.conv
@@ -29,103 +35,194 @@ works under torch.compile(fullgraph=True) and torch.library.opcheck.
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ... import fold
+from .. import ext, reference
 from ..dispatch import interpreter_enabled
-from ._common import LAUNCHES, check_dtype, device_guard, fp32_allows_tf32, require_usable
+from . import _common, conv_tma, tuner
+from ._common import (DTYPE_KEYS, KEY_DTYPES, LAUNCHES, SHORT_NAMES, TORCH_PATH, _mma, check_dtype, device_guard,
+                      fp32_allows_tf32, require_usable)
+from .tuner import Candidate
 
 _MODES = {"gemm": 0, "implicit": 1}  # the kernel's MODE; the stem runs the implicit mode
+_CL = torch.channels_last
 
 
-# --- autotuning -------------------------------------------------------------
+# --- tuning: shape keys and candidates ---------------------------------------
 
-def _config(bm, bn, bk, group_m, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+class ConvKey(NamedTuple):
+    """What the tuner tunes for: a call's shape, dtype, epilogue, TF32 rule and layouts."""
+    n: int
+    cin: int
+    h: int
+    w: int
+    cout: int
+    kh: int
+    kw: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dil_h: int
+    dil_w: int
+    dtype: str  # "float16", "bfloat16", "float32"
+    mode: str  # "gemm", "implicit", "stem": the call's load path (_mode)
+    has_res: bool
+    relu: bool
+    precision: str  # tl.dot input precision: "tf32" or "ieee" (fp32 only)
+    x_cl: bool  # x dense channels_last
+    w_cl: bool  # weight dense channels_last
+    r_cl: bool  # residual dense channels_last (True when there is none)
+    tma: bool  # every tensor and row stride 16-byte aligned, all dense NHWC: TMA descriptors can cover them
+
+    def out_hw(self) -> tuple[int, int]:
+        return _out_hw(self.h, self.w, self.kh, self.kw, (self.stride_h, self.stride_w), (self.pad_h, self.pad_w),
+                       (self.dil_h, self.dil_w))
+
+
+def _tiles(kernel, bm, bn, bk, group_m, warps, stages):
+    return Candidate.make(kernel, warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
 # Hopper (sm90: H100/H200): 8-warp big tiles for wgmma and 227 KB of shared memory.
-_HOPPER_CONFIGS = [
-    _config(128, 256, 64, 8, 8, 3),
-    _config(256, 128, 64, 8, 8, 3),
-    _config(128, 128, 64, 8, 8, 4),
-    _config(256, 64, 64, 8, 8, 4),  # the Cout=64 layers
-    _config(256, 64, 16, 8, 8, 4),  # the packed stems
+_HOPPER = [
+    _tiles("conv", 128, 256, 64, 8, 8, 3),
+    _tiles("conv", 256, 128, 64, 8, 8, 3),
+    _tiles("conv", 128, 128, 64, 8, 8, 4),
+    _tiles("conv", 256, 64, 64, 8, 8, 4),  # the Cout=64 layers
+    _tiles("conv", 256, 64, 16, 8, 8, 4),  # the packed stems
 ]
 # Ampere (sm80/86) and the smaller problems everywhere: 4-warp mma tiles.
-_AMPERE_CONFIGS = [
-    _config(128, 128, 32, 8, 4, 4),
-    _config(128, 64, 32, 8, 4, 4),
-    _config(64, 128, 32, 8, 4, 4),
-    _config(64, 64, 64, 8, 4, 4),
-    _config(32, 64, 32, 8, 4, 4),  # tiny M: late layers at batch 1
-    _config(128, 64, 16, 8, 4, 4),  # the packed stems: 16 channels per pixel
+_AMPERE = [
+    _tiles("conv", 128, 128, 32, 8, 4, 4),
+    _tiles("conv", 128, 64, 32, 8, 4, 4),
+    _tiles("conv", 64, 128, 32, 8, 4, 4),
+    _tiles("conv", 64, 64, 64, 8, 4, 4),
+    _tiles("conv", 32, 64, 32, 8, 4, 4),  # tiny M: late layers at batch 1
+    _tiles("conv", 128, 64, 16, 8, 4, 4),  # the packed stems: 16 channels per pixel
 ]
-_GPU_CONFIGS = _HOPPER_CONFIGS + _AMPERE_CONFIGS
-# The interpreter gets one fixed config: deterministic, no benchmarking. Its
-# cost is per program and per loop step, so wide N and K tiles run ~9x faster
-# there than 32x32x16 (CPU model tests depend on it).
-_INTERPRETER_CONFIGS = [_config(32, 64, 64, 4, 4, 1)]
+# TMA variants (conv_tma.py): sm_90 only, beside the cp.async ones; 4- and 8-warp.
+_HOPPER_TMA = [
+    _tiles(conv_tma.GEMM, 128, 256, 64, 8, 8, 3),
+    _tiles(conv_tma.GEMM, 128, 128, 64, 8, 8, 4),
+    _tiles(conv_tma.GEMM, 128, 128, 64, 8, 4, 4),
+    _tiles(conv_tma.GEMM, 64, 128, 64, 8, 4, 4),
+    _tiles(conv_tma.IMPLICIT, 128, 128, 64, 8, 8, 4),
+    _tiles(conv_tma.IMPLICIT, 128, 128, 64, 8, 4, 4),
+    _tiles(conv_tma.IMPLICIT, 128, 64, 64, 8, 4, 4),
+    _tiles(conv_tma.IMPLICIT, 64, 128, 64, 8, 4, 4),
+] if conv_tma.AVAILABLE else []
+# The interpreter gets one fixed config. Its cost is per program and per loop
+# step, so wide N and K tiles run ~9x faster there than 32x32x16 (CPU model tests depend on it).
+CANDIDATES = {"sm90": _HOPPER + _AMPERE + _HOPPER_TMA, "sm80": _AMPERE,
+              "interpreter": [_tiles("conv", 32, 64, 64, 4, 4, 1)]}
 
 
-def _device_limits(device: torch.device) -> tuple[tuple[int, int], int]:
-    """(compute capability, shared memory bytes per block)."""
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
-    return (props.major, props.minor), smem
+def _applies(c: Candidate, key: ConvKey) -> bool:
+    """Whether candidate c can run this key at all."""
+    if c.kernel == conv_tma.GEMM:
+        return key.tma and key.mode == "gemm"
+    if c.kernel == conv_tma.IMPLICIT:
+        return key.tma and key.mode == "implicit" and (key.stride_h, key.stride_w) == (1, 1)
+    return True
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles overshoot the problem or overflow shared memory, K steps of 16 where
-    Cin allows 32, on Hopper tiles too short for wgmma (64 rows per warpgroup: mma.sync instead), and
-    the fp32 tiles that spill (benchmarks/static_report.py checks every kept config compiles spill-free)."""
-    args = {**named_args, **kwargs}  # the autotuner passes positional and keyword args apart
-    m, cin, cout = args["M"], args["C_IN"], args["C_OUT"]
-    x = args["x_ptr"]
-    capability, smem = _device_limits(x.device)
-    fma = x.element_size() == 4 and args["DOT_PRECISION"] == "ieee"  # CUDA-core dot: no tensor cores
+def _fits(c: Candidate, key: ConvKey, target: str, smem: int) -> bool:
+    """Whether candidate c is worth trying for this key on this target: no tile overshoots the problem, K
+    steps of 16 only where Cin is that small, the pipeline's buffers (and TMA's output tile) fit in shared
+    memory; on a GPU target no Hopper tile too short for wgmma (64 rows per warpgroup: mma.sync instead)
+    and no fp32 tile that spills (benchmarks/static_report.py compiles every kept candidate spill-free)."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    ho, wo = key.out_hw()
+    m = key.n * ho * wo
+    cin = _STEM_CHANNELS if key.mode == "stem" else key.cin  # what the kernel's K loop sees
+    size = KEY_DTYPES[key.dtype].itemsize
+    if bm > max(32, triton.next_power_of_2(m)) or bn > max(64, triton.next_power_of_2(key.cout)):
+        return False
+    if not min(32, triton.next_power_of_2(cin)) <= bk <= max(16, triton.next_power_of_2(cin)):
+        return False
+    epilogue = bm * bn * size if c.kernel in (conv_tma.GEMM, conv_tma.IMPLICIT) else 0
+    if c.num_stages * (bm + bn) * bk * size + epilogue > smem:
+        return False
+    if target == "interpreter":
+        return True
+    fma = size == 4 and key.precision == "ieee"  # CUDA-core dot: no tensor cores
+    if target == "sm90" and bm < 16 * c.num_warps and not fma:
+        return False
     # mma.sync and the FMA dot keep a K step of fp32 operands in registers beside the accumulator.
-    fp32_in_registers = x.element_size() == 4 and (fma or capability < (9, 0))
-    kept = []
-    for c in configs:
-        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if capability < (9, 0) and any(c is h for h in _HOPPER_CONFIGS):
-            continue
-        if bm > max(32, triton.next_power_of_2(m)) or bn > max(64, triton.next_power_of_2(cout)):
-            continue
-        if not min(32, triton.next_power_of_2(cin)) <= bk <= max(16, triton.next_power_of_2(cin)):
-            continue
-        if capability >= (9, 0) and bm < 16 * c.num_warps and not fma:
-            continue
-        if fp32_in_registers and (bm * bn > (32 if fma else 64) * 32 * c.num_warps or (fma and bk > 32)):
-            continue
-        if c.num_stages * (bm + bn) * bk * x.element_size() > smem:
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    fp32_in_registers = size == 4 and (fma or target != "sm90")
+    return not (fp32_in_registers and (bm * bn > (32 if fma else 64) * 32 * c.num_warps or (fma and bk > 32)))
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for the row count: batch sizes / resolutions in the same
-    power-of-two bucket share a tuned config instead of re-tuning."""
-    return triton.next_power_of_2(max(m, 1))
+def _torch_offered(key: ConvKey) -> bool:
+    """The torch path runs torch's conv, whose fp32 TF32 use follows cuDNN's setting: it is a candidate
+    where that equals the key's precision (always, except an fp32 fc under a different matmul setting)."""
+    return key.dtype != "float32" or (key.precision == "tf32") == fp32_allows_tf32("conv")
+
+
+class _ConvFamily(tuner.Family):
+    name = "conv_bias_act"
+    key_type = ConvKey
+
+    @property
+    def sources(self):
+        return (__file__, conv_tma.__file__, _common.__file__)
+
+    def candidates(self, target, key, smem):
+        listed = [c for c in CANDIDATES[target] if _applies(c, key)]
+        kept = [c for c in listed if _fits(c, key, target, smem)]
+        plain = [c for c in listed if c.kernel == "conv"]
+        if plain and not any(c.kernel == "conv" for c in kept):  # a tiny problem: the smallest tile runs it
+            kept.insert(0, min(plain, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]))
+        return kept + ([tuner.TORCH_CANDIDATE] if _torch_offered(key) else [])
+
+    def inputs(self, key, device, generator):
+        dtype = KEY_DTYPES[key.dtype]
+
+        def rand(*shape, scale=1.0, cl=True, dt=dtype):
+            t = (torch.randn(*shape, generator=generator, device=device) * scale).to(dt)
+            return t.contiguous(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
+
+        ho, wo = key.out_hw()
+        x = rand(key.n, key.cin, key.h, key.w, cl=key.x_cl)
+        weight = rand(key.cout, key.cin, key.kh, key.kw, scale=(key.cin * key.kh * key.kw) ** -0.5, cl=key.w_cl)
+        bias = rand(key.cout, dt=torch.float32)
+        residual = rand(key.n, key.cout, ho, wo, cl=key.r_cl) if key.has_res else None
+        conv_args = ([key.stride_h, key.stride_w], [key.pad_h, key.pad_w], [key.dil_h, key.dil_w], key.relu)
+        return (x, weight, bias, residual, *conv_args), key.precision == "tf32"
+
+    def run(self, candidate, inputs):
+        args, tf32 = inputs
+        return conv_bias_act_fwd(*args, allow_tf32=tf32, candidate=candidate)
+
+    def references(self, inputs):
+        (x, weight, bias, residual, stride, padding, dilation, relu), _ = inputs
+        eager = reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, relu)
+        exact = reference.conv_bias_act(x.double(), weight.double(), bias.double(),
+                                        None if residual is None else residual.double(),
+                                        stride, padding, dilation, relu)
+        return eager, exact
+
+    def rule_dtype(self, key):
+        # TF32 rounds the operands to fp16's 10-bit mantissa: fp16's floor.
+        return torch.float16 if key.dtype == "float32" and key.precision == "tf32" else KEY_DTYPES[key.dtype]
+
+    def describe(self, key):
+        epilogue = ("+res" if key.has_res else "") + ("+relu" if key.relu else "")
+        stride = key.stride_h if key.stride_h == key.stride_w else f"{key.stride_h}x{key.stride_w}"
+        return (f"{key.kh}x{key.kw}/{stride} {key.cin}->{key.cout} {key.h}x{key.w} n{key.n} "
+                f"{SHORT_NAMES[key.dtype]}{epilogue} ({key.mode})")
+
+
+FAMILY = tuner.register(_ConvFamily())
 
 
 # --- kernel -----------------------------------------------------------------
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    if UPCAST_DOT:
-        # Only under TRITON_INTERPRET: the interpreter's tl.dot returns garbage
-        # for bf16 operands, so it multiplies their exact fp32 values instead.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
 
 @triton.jit
 def _epilogue(acc, rows, cols, m_mask, b_ptr, stride_b, r_ptr, out_ptr, C_OUT,
@@ -152,12 +249,6 @@ def _epilogue(acc, rows, cols, m_mask, b_ptr, stride_b, r_ptr, out_ptr, C_OUT,
     tl.store(out_ptr + tile + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=_INTERPRETER_CONFIGS if interpreter_enabled() else _GPU_CONFIGS,
-    key=["M_BUCKET", "C_IN", "C_OUT", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W",
-         "MODE", "HAS_RES", "RES_ROWS", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)
 @triton.jit
 def _conv_bias_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, out_ptr,
@@ -166,7 +257,6 @@ def _conv_bias_act_fwd_kernel(
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_b, stride_rn, stride_rc, stride_rh, stride_rw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    M_BUCKET,  # autotune key only
     KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
     HAS_RES: tl.constexpr, RES_ROWS: tl.constexpr, RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -320,7 +410,6 @@ def _pack_stem_input(x: torch.Tensor, plan: _StemPlan, ho: int, wo: int) -> torc
         _stem_pack_kernel[(triton.cdiv(p, block_p),)](
             x, packed, p, hp, wp, x.shape[2], x.shape[3], plan.top, plan.left, *x.stride(),
             C_IN=x.shape[1], FACTOR=plan.factor, C_P=_STEM_CHANNELS, BLOCK_P=block_p)
-    LAUNCHES["conv_stem_pack"] += 1
     return packed
 
 
@@ -332,7 +421,7 @@ def _pack_stem_weight(weight: torch.Tensor, plan: _StemPlan) -> torch.Tensor:
     taps[:, :, eh:eh + kh, ew:ew + kw] = weight
     # tap row a*f + r -> packed tap a, sub-row r; channels ordered (r, q, c) as the input packing.
     taps = taps.view(cout, cin, khs, f, kws, f).permute(0, 2, 4, 3, 5, 1).reshape(cout, khs, kws, f * f * cin)
-    packed = torch.nn.functional.pad(taps, (0, _STEM_CHANNELS - f * f * cin))
+    packed = F.pad(taps, (0, _STEM_CHANNELS - f * f * cin))
     return packed.permute(0, 3, 1, 2)
 
 
@@ -418,55 +507,104 @@ def _empty_out(x, cout, ho, wo):
                        memory_format=torch.channels_last)
 
 
-def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu, out=None, allow_tf32=None):
-    """Launch the kernel (inputs already validated). `out`, if given, must be a
-    dense channels_last [N, Cout, Ho, Wo] buffer (avg_pool_fc writes its fc
-    result straight into a 2-D tensor this way). allow_tf32=None follows
-    cuDNN's conv setting; callers that are not convs pass their own rule."""
+def shape_key(x, weight, residual, out, stride, padding, dilation, relu, precision) -> ConvKey:
+    """The tuner's key for a call (the tensors as the launcher gets them; `out`: a given dense NHWC output
+    buffer, or None for a fresh one, which the caching allocator aligns)."""
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    size = x.element_size()
+    x_cl = x.is_contiguous(memory_format=_CL)
+    w_cl = weight.is_contiguous(memory_format=_CL)
+    r_cl = residual is None or residual.is_contiguous(memory_format=_CL)
+    tma = (x_cl and w_cl and r_cl and (cin * size) % 16 == 0 and (cout * size) % 16 == 0
+           and all(t.data_ptr() % 16 == 0 for t in (x, weight, out, residual) if t is not None))
+    return ConvKey(n, cin, h, w, cout, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
+                   dilation[1], DTYPE_KEYS[x.dtype], _mode(x, kh, kw, stride, padding), residual is not None,
+                   bool(relu), precision, x_cl, w_cl, r_cl, tma)
+
+
+def kernel_call(candidate, key, x, weight, bias, residual, out, stride, padding, dilation, relu, precision):
+    """(kernel, grid, args, kwargs): exactly the launch conv_bias_act_fwd makes for a Triton candidate. x,
+    weight and the conv arguments are those the kernel reads: for the stem, the packed ones."""
+    upcast = interpreter_enabled() and x.dtype == torch.bfloat16
+    ho, wo = key.out_hw()
+    if candidate.kernel != "conv":
+        return conv_tma.call(candidate, x, weight, bias, residual, out, ho, wo, padding, dilation, relu,
+                             precision, upcast)
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    sx = [x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
+    if key.mode == "gemm":
+        sx[1], sx[3] = 1, cin  # dense channels_last rows; strides of size-1 dims may be arbitrary
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+    sr = [res.stride(0), res.stride(1), res.stride(2), res.stride(3)] if residual is not None else [0, 0, 0, 0]
+    m, p = n * ho * wo, candidate.kwargs
+    args = (x, weight, bias, res, out, m, cin, h, w, cout, ho, wo, *sx,
+            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3), bias.stride(0), *sr,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    kwargs = dict(KH=kh, KW=kw, MODE=_MODES["gemm" if key.mode == "gemm" else "implicit"],
+                  HAS_RES=key.has_res, RES_ROWS=key.has_res and key.r_cl, RELU=bool(relu),
+                  DOT_PRECISION=precision, UPCAST_DOT=upcast, **p, num_warps=candidate.num_warps,
+                  num_stages=candidate.num_stages)
+    grid = (triton.cdiv(m, p["BLOCK_M"]) * triton.cdiv(cout, p["BLOCK_N"]),)
+    return _conv_bias_act_fwd_kernel, grid, args, kwargs
+
+
+def _torch_path(x, weight, bias, residual, stride, padding, dilation, relu):
+    """torch's conv (cuDNN, oneDNN), then bias (+ residual) (+ ReLU) in one fp32 pass: the extension's
+    scale_bias_act with a unit scale (plain torch without the extension)."""
+    with torch.autocast(x.device.type, enabled=False):  # x's dtype, as the Triton candidates compute
+        y = F.conv2d(x, weight, None, stride, padding, dilation).contiguous(memory_format=_CL)
+    ones = _UNIT_SCALES.get((bias.shape[0], bias.device))
+    if ones is None:
+        ones = _UNIT_SCALES[(bias.shape[0], bias.device)] = torch.ones_like(bias, dtype=torch.float32)
+    if ext.available(y.device):
+        torch.ops.resnet_fast.scale_bias_act_(y, ones, bias, residual, relu)
+        return y
+    return reference.scale_bias_act(y, ones, bias, residual, relu).contiguous(memory_format=_CL)
+
+
+_UNIT_SCALES: dict = {}
+
+
+def conv_bias_act_fwd(x, weight, bias, residual, stride, padding, dilation, relu, out=None, allow_tf32=None,
+                      candidate=None):
+    """Run the call (inputs already validated) on the tuner's choice for its shape key, or on
+    `candidate` (the tuner's trial runs). `out`, if given, must be a dense channels_last
+    [N, Cout, Ho, Wo] buffer (avg_pool_fc writes its fc result straight into a 2-D tensor this
+    way). allow_tf32=None follows cuDNN's conv setting; callers that are not convs pass their own rule."""
     require_usable(x, "resnet_fast Triton conv")
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
-    if out is None:
-        out = _empty_out(x, cout, ho, wo)
-    m = n * ho * wo
-    if m == 0 or cout == 0:
-        return out
-    mode = _mode(x, kh, kw, stride, padding)
-    if mode == "stem":
-        plan = _stem_plan(cin, kh, kw, stride, padding, dilation)
-        x, weight = _pack_stem_input(x, plan, ho, wo), _stem_weight(weight, plan)
-        (n, cin, h, w), (kh, kw) = x.shape, plan.kernel
-        stride, padding, dilation = plan.stride, (0, 0), plan.dilation
-    sx = [x.stride(0), x.stride(1), x.stride(2), x.stride(3)]
-    if mode == "gemm":
-        sx[1], sx[3] = 1, cin  # dense channels_last rows; strides of size-1 dims may be arbitrary
-    res = residual if residual is not None else out  # never read when HAS_RES is False
-    sr = [res.stride(0), res.stride(1), res.stride(2), res.stride(3)] if residual is not None else [0, 0, 0, 0]
-    res_rows = residual is not None and residual.is_contiguous(memory_format=torch.channels_last)
-    fp32 = x.dtype == torch.float32
+    if n * ho * wo == 0 or cout == 0:
+        return _empty_out(x, cout, ho, wo) if out is None else out
     if allow_tf32 is None:
         allow_tf32 = fp32_allows_tf32("conv")
-    precision = "ieee" if fp32 and not allow_tf32 else "tf32"  # ignored for fp16/bf16
-    upcast = interpreter_enabled() and x.dtype == torch.bfloat16
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-
+    precision = "ieee" if x.dtype == torch.float32 and not allow_tf32 else "tf32"  # ignored for fp16/bf16
+    key = shape_key(x, weight, residual, out, stride, padding, dilation, relu, precision)
+    choice = candidate or tuner.choose(FAMILY, key, x.device)
+    if choice.is_torch:
+        y = _torch_path(x, weight, bias, residual, stride, padding, dilation, relu)
+        TORCH_PATH["conv_bias_act"] += candidate is None
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = _empty_out(x, cout, ho, wo)
+    if key.mode == "stem":
+        plan = _stem_plan(cin, kh, kw, stride, padding, dilation)
+        x, weight = _pack_stem_input(x, plan, ho, wo), _stem_weight(weight, plan)
+        stride, padding, dilation = plan.stride, (0, 0), plan.dilation
+    kernel, grid, args, kwargs = kernel_call(choice, key, x, weight, bias, residual, out, stride, padding,
+                                             dilation, relu, precision)
     with device_guard(x):
-        _conv_bias_act_fwd_kernel[grid](
-            x, weight, bias, res, out,
-            m, cin, h, w, cout, ho, wo,
-            *sx,
-            weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-            bias.stride(0), *sr,
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            _m_bucket(m),
-            KH=kh, KW=kw, MODE=_MODES["gemm" if mode == "gemm" else "implicit"], HAS_RES=residual is not None,
-            RES_ROWS=res_rows, RELU=bool(relu), DOT_PRECISION=precision, UPCAST_DOT=upcast,
-        )
-    LAUNCHES[f"conv_bias_act.{mode}"] += 1
+        kernel[grid](*args, **kwargs)
+    if candidate is None:  # the tuner's trial runs are not the caller's output
+        LAUNCHES[f"conv_bias_act.{_LAUNCH_NAMES.get(choice.kernel, key.mode)}"] += 1
+        LAUNCHES["conv_stem_pack"] += key.mode == "stem"
     return out
+
+
+_LAUNCH_NAMES = {conv_tma.GEMM: "tma_gemm", conv_tma.IMPLICIT: "tma_implicit"}
 
 
 # --- torch.library registration ------------------------------------------------

@@ -9,21 +9,112 @@
                               would re-read x once per class tile: slower.)
 
 Each is a torch.library custom op (resnet_fast::triton_*) with a fake impl and
-autograd, so torch.compile(fullgraph=True) and opcheck work. Launches are
-counted in _common.LAUNCHES. Reductions run in fp32; outputs are x's dtype.
+autograd, so torch.compile(fullgraph=True) and opcheck work. Tile sizes are the
+tuner's choice per shape (tuner.py; the torch ops are a candidate too). Launches
+are counted in _common.LAUNCHES. Reductions run in fp32; outputs are x's dtype.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCHES, check_dtype, device_guard, fp32_allows_tf32, require_usable
+from .. import reference
+from .._op_meta import acc_dtype
+from . import tuner
+from ._common import (DTYPE_KEYS, KEY_DTYPES, LAUNCHES, SHORT_NAMES, TORCH_PATH, check_dtype, device_guard,
+                      fp32_allows_tf32, require_usable)
 from .conv import conv_bias_act_fwd
+from .tuner import Candidate
 
-_BLOCK_P = 32  # output pixels per program
+MAX, AVG, GLOBAL = "max_pool_3x3s2", "avg_pool_2x2_ceil", "global_avg_pool"
+
+
+# --- tuning: shape keys and candidates -----------------------------------------------
+
+class PoolKey(NamedTuple):
+    kind: str  # MAX, AVG or GLOBAL
+    n: int
+    c: int
+    h: int
+    w: int
+    dtype: str  # "float16", "bfloat16", "float32"
+    x_cl: bool  # x dense channels_last
 
 
 def _block_c(c: int) -> int:
     return min(128, max(16, triton.next_power_of_2(c)))
+
+
+# Window pools: (output pixels, channels (None: the key's, up to 128), warps) per program. At most 16 values
+# per thread at 64 channels, 32 at 128: bf16 max-pool tiles of 32 values per thread at 64 channels (4-warp
+# 64x64, 8-warp 128x64) spill on sm_90 with triton 3.8 or on sm_80 with 3.6 (benchmarks/static_report.py).
+# Global pool: (pixels per step, channels, warps). The interpreter keeps one config each.
+_WINDOW = {"gpu": [(32, None, 4), (64, None, 8), (128, 64, 16), (16, None, 4)], "interpreter": [(32, None, 4)]}
+_GLOBAL = {"gpu": [(16, None, 4), (32, None, 4), (64, 64, 4), (8, 128, 4)], "interpreter": [(16, None, 4)]}
+
+
+class _PoolFamily(tuner.Family):
+    name = "pool"
+    key_type = PoolKey
+
+    @property
+    def sources(self):
+        return (__file__,)
+
+    def candidates(self, target, key, smem):
+        table = _GLOBAL if key.kind == GLOBAL else _WINDOW
+        rows = max(1, key.n * key.h * key.w) if key.kind == GLOBAL else max(1, _out_pixels(key))
+        kept = []
+        for block, block_c, warps in table["interpreter" if target == "interpreter" else "gpu"]:
+            block_c = block_c or _block_c(key.c)
+            if block_c > _block_c(key.c) or block > max(32, triton.next_power_of_2(rows)):
+                continue
+            params = {"BLOCK_HW" if key.kind == GLOBAL else "BLOCK_P": block, "BLOCK_C": block_c}
+            candidate = Candidate.make("pool", warps, 1, **params)
+            if candidate not in kept:
+                kept.append(candidate)
+        return kept + [tuner.TORCH_CANDIDATE]
+
+    def inputs(self, key, device, generator):
+        x = torch.randn(key.n, key.c, key.h, key.w, generator=generator, device=device).to(KEY_DTYPES[key.dtype])
+        return (x.contiguous(memory_format=torch.channels_last) if key.x_cl else x), key.kind
+
+    def run(self, candidate, inputs):
+        x, kind = inputs
+        return global_avg_pool_fwd(x, candidate) if kind == GLOBAL else _pool_fwd(x, kind, candidate)
+
+    def references(self, inputs):
+        x, kind = inputs
+        return _TORCH[kind](x), _TORCH[kind](x.double())
+
+    def rule_dtype(self, key):
+        return KEY_DTYPES[key.dtype]
+
+    def describe(self, key):
+        return f"{key.kind} {key.c}ch {key.h}x{key.w} n{key.n} {SHORT_NAMES[key.dtype]}"
+
+
+FAMILY = tuner.register(_PoolFamily())
+
+
+def _out_pixels(key: PoolKey) -> int:
+    if key.kind == MAX:  # 3x3 / 2, padding 1
+        return key.n * ((key.h - 1) // 2 + 1) * ((key.w - 1) // 2 + 1)
+    return key.n * ((key.h + 1) // 2) * ((key.w + 1) // 2)  # 2x2 / 2, ceil_mode
+
+
+def _key(x, kind) -> PoolKey:
+    n, c, h, w = x.shape
+    return PoolKey(kind, n, c, h, w, DTYPE_KEYS[x.dtype], x.is_contiguous(memory_format=torch.channels_last))
+
+
+# The torch path of each kind (also the references: in x's dtype and in float64).
+_TORCH = {
+    MAX: lambda x: reference.max_pool_3x3s2(x).contiguous(memory_format=torch.channels_last),
+    AVG: lambda x: reference.avg_pool_2x2_ceil(x).contiguous(memory_format=torch.channels_last),
+    GLOBAL: lambda x: x.mean((2, 3), dtype=acc_dtype(x.dtype)).to(x.dtype),  # one rounding, as the kernel
+}
 
 
 @triton.jit
@@ -113,7 +204,7 @@ def _check_x(x, name):
 
 def _pool_out_shape(x, kind):
     n, c, h, w = x.shape
-    if kind == "max":  # 3x3 / 2, padding 1
+    if kind == MAX:  # 3x3 / 2, padding 1
         return n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1
     return n, c, (h + 1) // 2, (w + 1) // 2  # 2x2 / 2, ceil_mode
 
@@ -122,36 +213,45 @@ def _empty_cl(shape, x):
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-def _pool_fwd(x, kind):
-    name = "max_pool_3x3s2" if kind == "max" else "avg_pool_2x2_ceil"
-    require_usable(x, f"resnet_fast Triton {name}")
+def _pool_fwd(x, kind, candidate=None):
+    """A window pool on the tuner's choice for its shape (or on `candidate`: the tuner's trial runs)."""
+    require_usable(x, f"resnet_fast Triton {kind}")
     n, c, ho, wo = _pool_out_shape(x, kind)
-    out = _empty_cl((n, c, ho, wo), x)
     p = n * ho * wo
     if p == 0 or c == 0:
-        return out
-    kernel = _max_pool_3x3s2_fwd_kernel if kind == "max" else _avg_pool_2x2_ceil_fwd_kernel
-    block_c = _block_c(c)
+        return _empty_cl((n, c, ho, wo), x)
+    choice = candidate or tuner.choose(FAMILY, _key(x, kind), x.device)
+    if choice.is_torch:
+        TORCH_PATH[kind] += candidate is None
+        return _TORCH[kind](x)
+    out = _empty_cl((n, c, ho, wo), x)
+    kernel = _max_pool_3x3s2_fwd_kernel if kind == MAX else _avg_pool_2x2_ceil_fwd_kernel
+    block_p, block_c = choice.kwargs["BLOCK_P"], choice.kwargs["BLOCK_C"]
     with device_guard(x):
-        kernel[(triton.cdiv(p, _BLOCK_P), triton.cdiv(c, block_c))](
+        kernel[(triton.cdiv(p, block_p), triton.cdiv(c, block_c))](
             x, out, p, c, x.shape[2], x.shape[3], ho, wo, *x.stride(),
-            BLOCK_P=_BLOCK_P, BLOCK_C=block_c)
-    LAUNCHES[name] += 1
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=choice.num_warps)
+    LAUNCHES[kind] += candidate is None
     return out
 
 
-def global_avg_pool_fwd(x):
+def global_avg_pool_fwd(x, candidate=None):
     """[N, C, H, W] -> [N, C] mean over H, W (fp32 sum, x's dtype out)."""
     require_usable(x, "resnet_fast Triton avg_pool_fc")
     n, c, h, w = x.shape
-    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
     if n == 0 or c == 0:
-        return out
-    block_c = _block_c(c)
+        return torch.empty((n, c), dtype=x.dtype, device=x.device)
+    choice = candidate or tuner.choose(FAMILY, _key(x, GLOBAL), x.device)
+    if choice.is_torch:
+        TORCH_PATH[GLOBAL] += candidate is None
+        return _TORCH[GLOBAL](x)
+    out = torch.empty((n, c), dtype=x.dtype, device=x.device)
+    block_c = choice.kwargs["BLOCK_C"]
     with device_guard(x):
         _global_avg_pool_fwd_kernel[(n, triton.cdiv(c, block_c))](
-            x, out, c, h, w, *x.stride(), BLOCK_HW=16, BLOCK_C=block_c)
-    LAUNCHES["global_avg_pool"] += 1
+            x, out, c, h, w, *x.stride(), BLOCK_HW=choice.kwargs["BLOCK_HW"], BLOCK_C=block_c,
+            num_warps=choice.num_warps)
+    LAUNCHES[GLOBAL] += candidate is None
     return out
 
 
@@ -204,23 +304,23 @@ def _avg_pool_backward(ctx, grad):
     return torch.ops.aten.avg_pool2d_backward(grad, x, [2, 2], [2, 2], [0, 0], True, False, None)
 
 
-def _register_window_pool(name, kind, backward):
-    """resnet_fast::triton_<name>(Tensor x) -> Tensor, with its fake kernel and autograd."""
-    @torch.library.custom_op(f"resnet_fast::triton_{name}", mutates_args=(), schema="(Tensor x) -> Tensor")
+def _register_window_pool(kind, backward):
+    """resnet_fast::triton_<kind>(Tensor x) -> Tensor, with its fake kernel and autograd."""
+    @torch.library.custom_op(f"resnet_fast::triton_{kind}", mutates_args=(), schema="(Tensor x) -> Tensor")
     def op(x):
-        _check_x(x, name)
+        _check_x(x, kind)
         return _pool_fwd(x, kind)
 
     @op.register_fake
     def _(x):
-        _check_x(x, name)
+        _check_x(x, kind)
         return _empty_cl(_pool_out_shape(x, kind), x)
 
     op.register_autograd(backward, setup_context=_save_x)
 
 
-_register_window_pool("max_pool_3x3s2", "max", _max_pool_backward)
-_register_window_pool("avg_pool_2x2_ceil", "avg", _avg_pool_backward)
+_register_window_pool(MAX, _max_pool_backward)
+_register_window_pool(AVG, _avg_pool_backward)
 
 
 @torch.library.custom_op("resnet_fast::triton_avg_pool_fc", mutates_args=(),
