@@ -44,24 +44,26 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     return _acc(conv.weight) * scale.view(-1, 1, 1, 1), shift
 
 
+def _tensor(module: nn.Module, name: str) -> Optional[Tensor]:
+    # A parameter or buffer straight from the module's dicts: Module.__getattr__ costs more than the
+    # whole check otherwise (it runs for every conv of every eval forward).
+    t = module._parameters.get(name)
+    return module._buffers.get(name) if t is None else t
+
+
 def _sources(conv: nn.Module, bn: nn.Module) -> tuple:
-    return (conv.weight, conv.bias, getattr(bn, "weight", None), getattr(bn, "bias", None),
-            bn.running_mean, bn.running_var)
+    return (_tensor(conv, "weight"), _tensor(conv, "bias"), _tensor(bn, "weight"), _tensor(bn, "bias"),
+            _tensor(bn, "running_mean"), _tensor(bn, "running_var"))
 
 
 def _version_key(conv: nn.Module, bn: nn.Module) -> Optional[tuple]:
     """Identity + storage + version of every source; None when versions are untracked
     (inference tensors), in which case nothing is cached."""
-    key = [float(bn.eps)]
-    for t in _sources(conv, bn):
-        if t is None:
-            key.append(None)
-            continue
-        try:
-            key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
-        except RuntimeError:  # inference tensors carry no version counter
-            return None
-    return tuple(key)
+    try:
+        return (bn.eps, *[t if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+                          for t in _sources(conv, bn)])
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
 
 
 class _Entry:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..ops import pool as pool_ops
-from ..ops import onednn
 from ..ops.conv_bn import conv_bn_act
+from . import cpu_runner
 from .checks import check_input
 from .weights import check_state_dict, load_weights
 
@@ -305,16 +305,18 @@ class ResNet(nn.Module):
         empty = check_input(self, x)
         if empty is not None:
             return empty
-        with onednn.activations_owned_by(self):
-            x = self._stem(x)
-            x = pool_ops.max_pool(self.maxpool, x)
+        out = cpu_runner.forward(self, x)
+        if out is not None:
+            return out
+        x = self._stem(x)
+        x = pool_ops.max_pool(self.maxpool, x)
 
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
-            x = self.layer4(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
 
-            return pool_ops.avgpool_fc(self.avgpool, self.fc, x)
+        return pool_ops.avgpool_fc(self.avgpool, self.fc, x)
 
     def _torchvision_forward(self, x: Tensor) -> Tensor:
         # torchvision's ResNet._forward_impl, statement for statement (a deep stem is the Sequential conv1).

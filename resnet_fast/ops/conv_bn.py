@@ -32,7 +32,7 @@ _EVAL = {"ext": ext.conv_bn_eval, "onednn": onednn.conv_bn_eval, "torch": refere
 def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module,
                 residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """relu?(bn(conv(x)) + residual?), through the fastest path for bn's mode."""
-    if _is_plain_conv(conv) and _has_running_stats(bn):
+    if is_plain_conv(conv) and has_running_stats(bn):
         dtype = _compute_dtype(x)
         x = x.to(dtype).contiguous(memory_format=_CL)
         if residual is not None:
@@ -59,12 +59,12 @@ def _triton_eval():
     return _EVAL["triton"]
 
 
-def _is_plain_conv(conv: nn.Module) -> bool:
+def is_plain_conv(conv: nn.Module) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str))
 
 
-def _has_running_stats(bn: nn.Module) -> bool:
+def has_running_stats(bn: nn.Module) -> bool:
     # nn.BatchNorm2d / SyncBatchNorm in eval, or torchvision's FrozenBatchNorm2d.
     if isinstance(bn, _BatchNorm):
         return not bn.training and bn.running_mean is not None

@@ -157,10 +157,12 @@ def usable(impl: str, device: torch.device, dtype: torch.dtype, grouped: bool = 
 
 # --- routing -------------------------------------------------------------------------
 
-def route(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+def route(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+          count: bool = True) -> str:
     """The implementation that runs `op` on tensors of this device and dtype (counted in CALLS).
 
-    backend: the requested backend (default: the thread's, see resnet_fast.use_backend)."""
+    backend: the requested backend (default: the thread's, see resnet_fast.use_backend).
+    count: False for a caller that counts its calls itself."""
     requested = backend or get_backend()
     routes = ROUTES[op][requested]
     if requested == "auto":
@@ -170,7 +172,7 @@ def route(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[s
     grouped = op == "grouped_conv_bias_act"
     for impl in routes:
         if usable(impl, device, dtype, grouped):
-            CALLS[(op, impl)] += 1
+            CALLS[(op, impl)] += count
             return impl
     raise TypeError(f"resnet_fast backend {requested!r} runs {op} in {_names(IMPLS[routes[0]][1])}, got {dtype}")
 

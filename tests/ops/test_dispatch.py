@@ -120,17 +120,3 @@ def test_train_block_reaches_the_extension_bn_op_in_at_most_4_frames():
     for stack in stacks:
         frames = _frames_between_block_and_here(stack)
         assert len(frames) <= 4, frames
-
-
-def test_model_forward_on_cuda_does_not_scan_hooks(monkeypatch):
-    """The in-place residual check (a scan of every module's hooks) belongs to the oneDNN path alone."""
-    from resnet_fast.ops import onednn
-    scans = []
-    monkeypatch.setattr(onednn, "activations_private", lambda model: scans.append(model) or False)
-    model = resnet_fast.resnet18(num_classes=4).eval()
-    with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
-        assert len(scans) == 1  # oneDNN path: checked once per forward
-        with resnet_fast.use_backend("ext"):
-            model(torch.randn(1, 3, 32, 32))
-    assert len(scans) == 1  # another path: never
