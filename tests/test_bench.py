@@ -153,7 +153,9 @@ def test_overwrite_replaces(tmp_path):
     (["--arch", "resnet50d", "--impls", "torchvision_eager"], "torchvision has no resnet50d"),
     (["--impls", "torch_compile"], "--no-compile conflicts"),
     (["--iters", "0"], "--iters must be >= 1"),
-    (["-b", "0"], "--batch-size must be >= 1"),
+    (["-b", "0"], "--batch-size must be integers >= 1, got '0'"),
+    (["-b", "1,x"], "--batch-size must be integers >= 1, got 'x'"),
+    (["--dtype", "fp32,fp8"], "unknown --dtype 'fp8'; expected one of fp32, fp16, bf16"),
     (["--max-time", "0"], "--max-time must be > 0"),
     (["--device", "tpu"], "--device 'tpu'"),
 ])
@@ -206,6 +208,27 @@ def test_cpu_default_is_time_limited_unless_iters_given():
     assert (default.max_time, default.iters, default.runs[0][0].batch_size) == (45.0, 20, 8)
     assert bench_cli.plan(parser.parse_args(["--device", "cpu", "--iters", "5"])).max_time is None
     assert bench_cli.plan(parser.parse_args(["--device", "cpu", "--iters", "5", "--max-time", "9"])).max_time == 9
+
+
+def test_batch_sizes_and_dtypes_make_one_run_each():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    todo = bench_cli.plan(parser.parse_args(["--device", "cpu", "-b", "1,8", "-b", "32", "--dtype", "fp32,bf16"]))
+    rows = [(spec.dtype, spec.batch_size, spec.channels_last, impls) for spec, impls in todo.runs]
+    fp32 = ["resnet_fast", "torchvision_eager", "torchvision_channels_last", "torch_compile", "torchscript_frozen"]
+    bf16 = ["resnet_fast", "torchvision_channels_last", "torch_compile"]  # eager's bf16 CPU path is channels_last
+    assert rows == [(torch.float32, b, False, fp32) for b in (1, 8, 32)] + [(torch.bfloat16, b, True, bf16)
+                                                                            for b in (1, 8, 32)]
+
+
+def test_one_run_records_every_batch_size_and_dtype(tmp_path):
+    path = tmp_path / "r.json"
+    assert _run("-b", "1", "--dtype", "fp32,bf16", "--impls", "resnet_fast,torchvision_channels_last",
+                "--json", str(path)) == 0
+    records = json.loads(path.read_text())
+    assert [(r["dtype"], r["batch_size"], r["impl"]) for r in records] == [
+        (d, b, i) for d in ("fp32", "bf16") for b in (2, 1) for i in ("resnet_fast", "torchvision_channels_last")]
+    assert all(r["img_per_s"] > 0 and r["error"] is None for r in records)
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):

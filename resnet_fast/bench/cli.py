@@ -9,6 +9,7 @@ the device, versions and commit that produced it.
 
     resnet-fast bench                                    # ResNet-50, defaults for the best device
     resnet-fast bench --arch resnet18,resnet50 --dtype fp16 --json out.json
+    resnet-fast bench --device cpu --batch-size 1,8,32 --dtype fp32,bf16    # one interleaved run per row
     resnet-fast bench --mode train --impls resnet_fast,torchvision_eager
 """
 from __future__ import annotations
@@ -38,9 +39,15 @@ MODES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 DEVICE_DEFAULTS = {
-    "cpu": {"dtype": "fp32", "batch_size": 8, "img_size": 224, "channels_last": False},
-    "cuda": {"dtype": "bf16", "batch_size": 256, "img_size": 224, "channels_last": True},
+    "cpu": {"dtype": "fp32", "batch_size": 8, "img_size": 224},
+    "cuda": {"dtype": "bf16", "batch_size": 256, "img_size": 224},
 }
+
+
+def default_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    # CUDA: always (tensor cores want NHWC). CPU: for bf16, where eager's own fast path is channels_last;
+    # fp32 contiguous is what a CPU user runs by default.
+    return device.type == "cuda" or dtype != torch.float32
 # (device type, mode) -> (warm-up calls, timed rounds, time limit for the timed rounds in s).
 # The CPU limit keeps the default run (5 contenders, a 30-60 s torch.compile and an fp64 reference
 # included) under 3 minutes on 2 cores even when they are shared; an idle machine gets more rounds.
@@ -63,14 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--arch", "--model", action="append", metavar="NAME[,NAME...]",
                    help="architecture(s), comma-separated or repeated (default resnet50)")
-    p.add_argument("--batch-size", "-b", type=int, help="images per iteration (default: CPU 8, CUDA 256)")
+    p.add_argument("--batch-size", "-b", action="append", metavar="N[,N...]",
+                   help="images per iteration, comma-separated or repeated: one table each (default: CPU 8, CUDA 256)")
     p.add_argument("--img-size", type=int, help="input height and width (default 224)")
-    p.add_argument("--dtype", choices=DTYPES, help="precision (default: CPU fp32, CUDA bf16)")
+    p.add_argument("--dtype", action="append", metavar="DTYPE[,DTYPE...]",
+                   help=f"precision(s) from {', '.join(DTYPES)}, comma-separated or repeated (default: CPU fp32, CUDA bf16)")
     p.add_argument("--mode", choices=MODES, default="infer",
                    help="infer: forward under no_grad; train: forward, cross-entropy, backward, SGD step")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last layout for the resnet_fast and torch_compile contenders "
-                        "(default: on for CUDA, off for CPU)")
+                        "(default: on for CUDA and for CPU bf16/fp16, off for CPU fp32)")
     p.add_argument("--iters", type=int, help="timed rounds; each runs every contender once "
                    f"(default: {', '.join(f'{d} {m} {n[1]}' for (d, m), n in ITERATIONS.items())}, "
                    "on CPU cut short by --max-time)")
@@ -114,6 +123,23 @@ def _device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _batch_sizes(values: Optional[list[str]], default: int, minimum: int) -> list[int]:
+    sizes = []
+    for v in _comma_list(values) or [str(default)]:
+        if not v.isdigit() or int(v) < minimum:
+            raise ValueError(f"--batch-size must be integers >= {minimum}, got {v!r}")
+        sizes.append(int(v))
+    return list(dict.fromkeys(sizes))
+
+
+def _dtypes(values: Optional[list[str]], default: str) -> list[torch.dtype]:
+    names = _comma_list(values) or [default]
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown --dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return [DTYPES[n] for n in dict.fromkeys(names)]
 
 
 def _or(value, default):
@@ -165,25 +191,24 @@ def plan(args: argparse.Namespace) -> Plan:
     compile_mode = args.compile_mode or ("max-autotune" if device.type == "cuda" and args.mode == "infer"
                                          else "default")
     runs = []
+    # train mode: BatchNorm needs more than one value per channel
+    batch_sizes = _batch_sizes(args.batch_size, defaults["batch_size"], minimum=2 if args.mode == "train" else 1)
+    img_size = _positive("img-size", _or(args.img_size, defaults["img_size"]))
     for arch in dict.fromkeys(archs):
-        spec = Spec(
-            arch=arch, mode=args.mode,
-            dtype=DTYPES[args.dtype or defaults["dtype"]],
-            # train mode: BatchNorm needs more than one value per channel
-            batch_size=_positive("batch-size", _or(args.batch_size, defaults["batch_size"]),
-                                 minimum=2 if args.mode == "train" else 1),
-            img_size=_positive("img-size", _or(args.img_size, defaults["img_size"])),
-            device=device,
-            channels_last=_or(args.channels_last, defaults["channels_last"]),
-            backend=backend, compile_mode=compile_mode, seed=args.seed)
-        impls = list(dict.fromkeys(requested)) if requested else default_impls(spec)
-        if args.no_compile and COMPILE in impls:
-            impls.remove(COMPILE)
-        for impl in impls:
-            why = unsupported(impl, spec)
-            if why:
-                raise ValueError(f"--impls: {why}")
-        runs.append((spec, impls))
+        for dtype in _dtypes(args.dtype, defaults["dtype"]):
+            for batch_size in batch_sizes:
+                spec = Spec(
+                    arch=arch, mode=args.mode, dtype=dtype, batch_size=batch_size, img_size=img_size,
+                    device=device, channels_last=_or(args.channels_last, default_channels_last(device, dtype)),
+                    backend=backend, compile_mode=compile_mode, seed=args.seed)
+                impls = list(dict.fromkeys(requested)) if requested else default_impls(spec)
+                if args.no_compile and COMPILE in impls:
+                    impls.remove(COMPILE)
+                for impl in impls:
+                    why = unsupported(impl, spec)
+                    if why:
+                        raise ValueError(f"--impls: {why}")
+                runs.append((spec, impls))
     return Plan(runs, warmup, iters, max_time, not args.no_first_call)
 
 

@@ -65,6 +65,9 @@ class Contender:
 def default_impls(spec: Spec) -> list[str]:
     if not spec.has_torchvision:  # ResNet-D: no torchvision model; plain-torch resnet_fast is the baseline
         return [RESNET_FAST, RF_TORCH]
+    if spec.device.type == "cpu" and spec.dtype != torch.float32:
+        # eager's reduced-precision CPU path is channels_last; TorchScript's freezing is an fp32 tool
+        return [RESNET_FAST, EAGER_CL, COMPILE]
     impls = [RESNET_FAST, EAGER, EAGER_CL, COMPILE]
     if spec.mode == "infer" and spec.device.type == "cpu":
         impls.append(TORCHSCRIPT)
