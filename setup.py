@@ -24,7 +24,7 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0;9.0+PTX"
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/batch_norm.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp"]
 CUDA_SOURCES = ["csrc/cuda/ops.cu"]
 GENERATED = ROOT / "build" / "generated"
 

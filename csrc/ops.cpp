@@ -64,6 +64,7 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
+  m.def("max_pool_3x3s2(Tensor x) -> Tensor");  // CPU only (cpu/pool.cpp); CUDA uses Triton's
   m.def("_build_info() -> str", &build_info);
   m.def("_bn_tiling(int[] shape, ScalarType dtype, bool channels_last, bool aligned, int sms) -> str", &bn_tiling);
 }

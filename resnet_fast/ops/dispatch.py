@@ -60,7 +60,8 @@ ROUTES: dict[str, dict] = {
     "add_relu": {"auto": {"cpu": ("torch",), "cuda": ("ext", "triton", "torch")}, **_ELEMENTWISE},
     "scale_bias_act": {"auto": {"cpu": ("ext", "torch"), "cuda": ("ext", "triton", "torch")}, **_ELEMENTWISE},
     # the stem max-pool, ResNet-D's shortcut avg-pool, global avg-pool + fc; "torch" calls the modules
-    "max_pool": _POOL,
+    # CPU: the extension's channels_last fp32 kernel (ops/pool.py says when it applies)
+    "max_pool": {**_POOL, "auto": {"cuda": ("triton", "torch"), "cpu": ("ext", "torch")}},
     "shortcut_pool": _POOL,
     "avgpool_fc": _POOL,
 }

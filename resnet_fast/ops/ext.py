@@ -40,7 +40,14 @@ def _load() -> tuple[bool, str]:
         log.warning("resnet_fast: C++/CUDA extension unavailable (%s); using the Triton and torch paths", why)
         return False, why
     _op_meta.register("")  # fake kernels and autograd for the C++ ops
+    torch.library.register_fake("resnet_fast::max_pool_3x3s2", _max_pool_fake)  # CPU-only, inference-only
     return True, describe(build_info())
+
+
+def _max_pool_fake(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return torch.empty((n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 def build_info() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The pooling steps of a ResNet (stem max-pool, ResNet-D shortcut avg-pool,
 global avg-pool + fc): Triton kernels where dispatch routes them there, the
-modules themselves otherwise."""
+extension's CPU max-pool for fp32 inference, the modules themselves otherwise."""
 from __future__ import annotations
 
 import torch
@@ -20,11 +20,26 @@ def _on_triton(op: str, x: Tensor) -> bool:
 
 
 def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
-    if _is(pool, nn.MaxPool2d, kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=False,
-           return_indices=False) and _on_triton("max_pool", x):
+    if not _is(pool, nn.MaxPool2d, kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=False,
+               return_indices=False):
+        return pool(x)
+    impl = dispatch.route("max_pool", x.device, x.dtype, count=False)
+    if impl == "ext" and not _ext_max_pool_takes(x):
+        impl = "torch"
+    dispatch.CALLS[("max_pool", impl)] += 1
+    if impl == "triton":
         from .triton import pool as triton_pool
         return triton_pool.max_pool_3x3s2(x)
+    if impl == "ext":
+        return dispatch.op("ext", "max_pool_3x3s2")(x)
     return pool(x)
+
+
+def _ext_max_pool_takes(x: Tensor) -> bool:
+    # fp32/fp64 channels_last, and no backward: the C++ kernel has no autograd formula.
+    return (x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def shortcut_pool(pool: nn.Module, x: Tensor) -> Tensor:

@@ -33,7 +33,8 @@ def test_every_op_has_a_route_for_every_backend():
     ("grouped_conv_bias_act", "triton", torch.float32, "ext"),  # no Triton grouped conv
     ("bn_act", "auto", torch.float32, "ext"),
     ("add_relu", "auto", torch.float32, "torch"),
-    ("max_pool", "auto", torch.float32, "torch"),  # the interpreter is never "fastest"
+    ("max_pool", "auto", torch.float32, "ext"),  # the C++ kernel; the interpreter is never "fastest"
+    ("shortcut_pool", "auto", torch.float32, "torch"),
     ("max_pool", "triton", torch.float64, "torch"),  # pools fall back to the module
 ])
 def test_route_on_cpu(op, backend, dtype, expected):

@@ -130,14 +130,17 @@ def test_model_pooling_steps_route_by_backend(backend):
     x = rand(2, 8, 7, 7)
     fc = nn.Linear(8, 5).to(DEVICE)
     impl = "triton" if backend == "triton" else "torch"
+    expected = dict.fromkeys((*POOLS, "avgpool_fc"), impl)
+    if backend == "auto" and DEVICE.type == "cpu" and dispatch.ext_usable(DEVICE):
+        expected["max_pool"] = "ext"  # the extension's fp32 channels_last kernel (tests/ops/test_ext_max_pool.py)
     before, kernels = dict(dispatch.CALLS), launches()
     with torch.no_grad(), resnet_fast.use_backend(backend):
         for name, (run, module) in POOLS.items():
             torch.testing.assert_close(run(module, x), module(x), atol=1e-6, rtol=1e-6)
         got = pool.avgpool_fc(nn.AdaptiveAvgPool2d(1), fc, x)
         torch.testing.assert_close(got, fc(x.mean((2, 3))), atol=1e-5, rtol=1e-5)
-    for op in (*POOLS, "avgpool_fc"):
-        assert dispatch.CALLS[(op, impl)] == before.get((op, impl), 0) + 1, op
+    for op, impl_ in expected.items():
+        assert dispatch.CALLS[(op, impl_)] == before.get((op, impl_), 0) + 1, op
     assert (launches() > kernels) == (impl == "triton")
 
 
