@@ -112,6 +112,10 @@ def explain() -> list[str]:
     lines = [f"{'backend':>12}: {get_backend()} (set with resnet_fast.use_backend or RESNET_FAST_BACKEND)"]
     for name, (ok, why) in availability().items():
         lines.append(f"{name:>12}: {'available' if ok else 'unavailable'} - {why}")
+    if torch.backends.mkldnn.is_available():
+        bf16 = ("bf16 natively" if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                else "bf16 computed in fp32 (this CPU has no oneDNN bf16 kernels: they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+        lines.append(f"{'oneDNN':>12}: CPU eval convs of the auto and torch backends: fp32, {bf16}")
     return lines
 
 

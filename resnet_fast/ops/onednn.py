@@ -81,8 +81,9 @@ def conv(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], 
     attr = "relu" if relu else "none"
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, attr, [], "")
-    if conv.groups != 1:
-        # torch runs a grouped conv's add+ReLU post-op as at::add_relu, which has no bf16 kernel.
+    if conv.groups != 1 or (not overwrite_residual and residual.shape[2] * residual.shape[3] == 1):
+        # Grouped: torch runs the add+ReLU post-op as at::add_relu, which has no bf16 kernel.
+        # 1x1 outputs: torch 2.11's out-of-place binary conv fails there ("could not create a memory").
         out = torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, "none", [], "").add_(residual)
         return out.relu_() if relu else out
     unary = attr if relu else None
