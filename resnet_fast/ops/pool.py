@@ -36,8 +36,9 @@ def max_pool(pool: nn.Module, x: Tensor) -> Tensor:
 
 
 def _ext_max_pool_takes(x: Tensor) -> bool:
-    # fp32/fp64 channels_last, and no backward: the C++ kernel has no autograd formula.
-    return (x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+    # fp32/fp64 channels_last, no backward (the C++ kernel has no autograd formula), and not while a graph
+    # is being traced: compilers and exporters (ONNX) know aten's max-pool, not this op.
+    return (x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and not torch.compiler.is_compiling()
             and x.is_contiguous(memory_format=torch.channels_last)
             and not (x.requires_grad and torch.is_grad_enabled()))
 

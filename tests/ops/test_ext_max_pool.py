@@ -62,8 +62,16 @@ def test_model_uses_it_only_where_it_applies():
         assert dispatch.CALLS[("max_pool", "torch")] == before + 1
 
 
-def test_compiles_fullgraph():
+def test_traced_graphs_keep_aten_max_pool():
+    """Compilers and exporters (ONNX) get aten's max-pool, which they know, not the C++ op."""
     x = _x(2, 16, 9, 9)
-    fn = torch.compile(lambda t: pool.max_pool(nn.MaxPool2d(3, 2, 1), t), fullgraph=True, backend="aot_eager")
+
+    class Pool(nn.Module):
+        def forward(self, t):
+            return pool.max_pool(nn.MaxPool2d(3, 2, 1), t)
     with torch.no_grad():
+        graph = torch.export.export(Pool(), (x,)).graph
+        fn = torch.compile(Pool(), fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(fn(x), F.max_pool2d(x, 3, 2, 1), atol=0, rtol=0)
+    targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert not any("resnet_fast" in t for t in targets) and any("max_pool2d" in t for t in targets), targets
