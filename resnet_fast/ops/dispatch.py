@@ -113,7 +113,8 @@ def explain() -> list[str]:
     for name, (ok, why) in availability().items():
         lines.append(f"{name:>12}: {'available' if ok else 'unavailable'} - {why}")
     if torch.backends.mkldnn.is_available():
-        bf16 = ("bf16 natively" if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        from . import onednn
+        bf16 = ("bf16 natively" if onednn.compute_dtype(BF16) == BF16
                 else "bf16 computed in fp32 (this CPU has no oneDNN bf16 kernels: they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
         lines.append(f"{'oneDNN':>12}: CPU eval convs of the auto and torch backends: fp32, {bf16}")
     return lines
