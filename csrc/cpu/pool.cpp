@@ -1,7 +1,7 @@
 // The ResNet stem's max-pool (3x3, stride 2, padding 1) on channels_last fp32/fp64 CPU tensors, for
 // inference: one pass vectorized over channels, and no index output (aten's channels_last kernel writes
 // an int64 index per output element, more bytes than the output itself). Not for bf16/fp16: at::vec's
-// maximum converts them to fp32 per load, slower than aten (2-core AVX2 EPYC: 7.0 vs 3.2 ms at batch 8).
+// maximum converts them to fp32 per load, which measured slower than aten's kernel for them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 """A ResNet's eval forward on CPU when all its convs run on oneDNN: one loop over prepacked convs.
 
-Module by module, each conv pays ~60 us of Python (module calls, dispatch, checks): 3 ms of a 58 ms
-ResNet-50 forward at batch 1, and most of a small input's. Here the model is read once into a plan
+Module by module, each conv pays for Python module calls, dispatch and checks, which show at batch 1
+and dominate on small inputs. Here the model is read once into a plan
 (its convs and their arguments, block by block); each forward checks in one pass over the modules that
 the plan still describes the model (same submodules, all in eval, no hooks) and runs the convs back to
 back. Weights still come from the fold cache (ops.onednn), which keys every source tensor's version,

@@ -33,8 +33,8 @@ class _Packs:
 def _packed(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(weight, bias) for oneDNN, the weight reordered into the blocked layout oneDNN's kernel picks for
     x's shape. Packed for a default shape instead, oneDNN reorders the weight again on every call
-    whenever its kernel for the real shape wants another layout: 107 ms instead of 1.9 ms for a
-    512->512 3x3 conv at batch 1, 7x7 (2-core AVX2 EPYC, torch 2.14.1)."""
+    whenever its kernel for the real shape wants another layout: 104 ms instead of 2.2 ms for a
+    512->512 3x3 conv at batch 1, 7x7 (benchmarks/cpu_micro.py on a 2-core AVX2 EPYC, torch 2.14.1)."""
     packs = fold.cached(conv, bn, ("onednn", x.dtype), lambda: _Packs(fold.fold_conv_bn(conv, bn)[1].to(x.dtype)))
     shape = tuple(x.shape)
     weight = packs.by_shape.get(shape)
@@ -55,7 +55,7 @@ def _packed(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype oneDNN computes a conv of `dtype` in: bf16 natively where the CPU has bf16 kernels
     (AVX512-BW/VL/DQ or AVX-NE-CONVERT); otherwise fp32 (torch's own bf16 conv there is a scalar
-    reference loop, ~9x slower than oneDNN's fp32 on an AVX2 EPYC)."""
+    reference loop: eager bf16 ran 7.5-10x slower than this in README's recorded CPU benchmark)."""
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32
     return dtype
