@@ -82,9 +82,11 @@ def test_sdist_holds_every_file_the_build_compiles(sdist):
     assert not in_csrc - files, f"csrc/ files missing from the sdist: {sorted(in_csrc - files)}"
 
 
-def test_sdist_holds_license_readme_and_tests(sdist):
+def test_sdist_holds_license_readme_tests_and_benchmark_scripts(sdist):
     _, _, files = sdist
-    tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
+    # The tests run benchmarks/ scripts (test_static_report.py): the sdist's tests must find them.
+    tests = {p.relative_to(ROOT).as_posix()
+             for folder in ("tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")}
     assert {"LICENSE", "README.md", "setup.py", "pyproject.toml", "MANIFEST.in"} <= files
     assert not tests - files, f"tests missing from the sdist: {sorted(tests - files)}"
     assert not [f for f in files if f.endswith(".so") or f.startswith("build/")], "build outputs in the sdist"

@@ -63,7 +63,8 @@ def build_summary() -> str:
     info = build_info()
     cuda = "none" if info.get("cuda", "none") == "none" else f"{info['cuda']} for {info.get('archs', '?')}"
     return "; ".join([f"torch {info.get('torch', 'unrecorded')}", f"CUDA {cuda}",
-                      f"CPU flags {info.get('cpu_flags', 'unrecorded')}", f"compiler {info.get('compiler', 'unrecorded')}"])
+                      f"CPU flags {info.get('cpu_flags', 'unrecorded')}",
+                      f"compiler {info.get('compiler', 'unrecorded')}"])
 
 
 def _sm(arch: str) -> str:
