@@ -1,6 +1,7 @@
 """Build resnet_fast and, when torch is importable, its extension resnet_fast._C.
 
     pip install --no-build-isolation -e .     # editable, builds _C in place
+    pip wheel --no-build-isolation --no-deps .  # a wheel holding _C (an sdist builds the same way)
     pip install .                            # build isolation hides torch: pure-Python package
 
 The CPU kernels are always built; the CUDA kernels when nvcc and a CUDA build
@@ -115,14 +116,30 @@ def cuda_plan(torch) -> tuple[Path | None, str]:
 # --- the extension --------------------------------------------------------------
 
 def write_build_info(lines: dict[str, str]) -> None:
-    """A header ops.cpp compiles in; resnet_fast.ops._ext reads it back via _build_info()."""
-    text = "\\n".join(f"{k}={v}" for k, v in lines.items())
-    text = text.replace('"', "'")
+    """A header ops.cpp compiles in, one key=value a line; resnet_fast.ops.ext reads it back via _build_info()."""
+    text = "\n".join(f"{k}={' '.join(str(v).split())}" for k, v in lines.items())
+    literal = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     GENERATED.mkdir(parents=True, exist_ok=True)
     header = GENERATED / "resnet_fast_build_info.h"
-    content = f'#pragma once\n#define RESNET_FAST_BUILD_INFO "{text}"\n'
+    content = f'#pragma once\n#define RESNET_FAST_BUILD_INFO "{literal}"\n'
     if not header.exists() or header.read_text() != content:  # unchanged: no rebuild
         header.write_text(content)
+
+
+def compiler_version() -> str:
+    """The first line of `$CXX --version`: torch.utils.cpp_extension compiles with $CXX (default c++)."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{cxx} (--version failed: {exc})"
+    return out.splitlines()[0] if out.strip() else f"{cxx} (--version printed nothing)"
+
+
+def built_with(torch, cxx_flags: list[str]) -> dict[str, str]:
+    """What `resnet-fast info` reports about every build: torch, compiler, CPU ISA flags."""
+    isa = [f for f in cxx_flags if f.startswith(("-m", "-DCPU_CAPABILITY"))]
+    return {"torch": torch.__version__, "compiler": compiler_version(), "cpu_flags": " ".join(isa) or "none"}
 
 
 def cpu_simd_flags() -> list[str]:
@@ -155,7 +172,7 @@ def extension_setup() -> dict:
     cpu_label = "avx2" if cpu_simd_flags() else "baseline"
     if home is None:
         say(f"building CPU kernels only: {why}")
-        write_build_info({"cuda": "none", "why": why, "cpu": cpu_label})
+        write_build_info({"cuda": "none", "why": why, "cpu": cpu_label, **built_with(torch, cxx_flags)})
         ext = cpp_extension.CppExtension(
             "resnet_fast._C", CPU_SOURCES, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags})
@@ -164,7 +181,7 @@ def extension_setup() -> dict:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         say(f"building CPU and CUDA kernels: {why}, TORCH_CUDA_ARCH_LIST={archs}")
         write_build_info({"cuda": torch.version.cuda, "archs": archs.replace(";", " "),
-                          "why": why, "cpu": cpu_label})
+                          "why": why, "cpu": cpu_label, **built_with(torch, cxx_flags)})
         ext = cpp_extension.CUDAExtension(
             "resnet_fast._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})

@@ -13,7 +13,7 @@
 #if __has_include("resnet_fast_build_info.h")
 #include "resnet_fast_build_info.h"
 #else
-#define RESNET_FAST_BUILD_INFO "cuda=none;why=jit"
+#define RESNET_FAST_BUILD_INFO "cuda=none\nwhy=built without setup.py, which records how"
 #endif
 
 extern "C" {

@@ -11,7 +11,7 @@ from .cuda_graph import cuda_graphed
 from .models import *  # noqa: F401,F403
 from .models import ARCHS, BasicBlock, Bottleneck, ResNet, from_torchvision
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the single source: pyproject.toml reads it (tool.setuptools.dynamic)
 
 __all__ = ["BACKENDS", "availability", "get_backend", "use_backend", "cuda_graphed", "BasicBlock", "Bottleneck",
            "ResNet", "from_torchvision", "ARCHS", *ARCHS]

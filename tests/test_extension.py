@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 
-from resnet_fast.ops import ext
+from resnet_fast.ops import dispatch, ext
 
 OK, WHY = ext.status()
 if not OK:
@@ -28,6 +29,17 @@ def test_status_describes_build():
     text = ext.status()[1]
     assert text.startswith("built with CUDA kernels") if info["cuda"] != "none" else "only: built without" in text
     assert ext.available(torch.device("cpu"))
+
+
+def test_info_names_how_C_was_built():
+    info = ext.build_info()
+    assert info["torch"] == torch.__version__  # _C links against torch's C++ ABI: the build's own torch
+    assert info["compiler"] and info["cpu_flags"]
+    assert ("-mavx2" in info["cpu_flags"]) == (platform.machine().lower() in ("x86_64", "amd64"))
+    assert (info["cuda"] == "none") == ("archs" not in info)
+    summary = ext.build_summary()
+    assert f"torch {torch.__version__}" in summary and info["compiler"] in summary
+    assert f"{'_C build':>12}: {summary}" in dispatch.explain()
 
 
 def test_arch_compatibility_rule():

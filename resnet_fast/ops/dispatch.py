@@ -112,6 +112,9 @@ def explain() -> list[str]:
     lines = [f"{'backend':>12}: {get_backend()} (set with resnet_fast.use_backend or RESNET_FAST_BACKEND)"]
     for name, (ok, why) in availability().items():
         lines.append(f"{name:>12}: {'available' if ok else 'unavailable'} - {why}")
+    if ext_status()[0]:
+        from . import ext
+        lines.append(f"{'_C build':>12}: {ext.build_summary()}")
     if torch.backends.mkldnn.is_available():
         from . import onednn
         bf16 = ("bf16 natively" if onednn.compute_dtype(BF16) == BF16

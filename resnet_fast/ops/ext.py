@@ -51,11 +51,20 @@ def _max_pool_fake(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_info() -> dict[str, str]:
-    """What setup.py compiled in: cuda (version or "none"), archs, why."""
+    """What setup.py compiled in: cuda (version or "none"), archs, why, cpu, torch, compiler, cpu_flags."""
     if "build_info" not in _cache:
         text = torch.ops.resnet_fast._build_info()
         _cache["build_info"] = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     return _cache["build_info"]
+
+
+def build_summary() -> str:
+    """How _C was built, for `resnet-fast info`: torch, CUDA and arches, CPU ISA flags, compiler."""
+    info = build_info()
+    cuda = "none" if info.get("cuda", "none") == "none" else f"{info['cuda']} for {info.get('archs', '?')}"
+    return "; ".join([f"torch {info.get('torch', 'unrecorded')}", f"CUDA {cuda}",
+                      f"CPU flags {info.get('cpu_flags', 'unrecorded')}",
+                      f"compiler {info.get('compiler', 'unrecorded')}"])
 
 
 def _sm(arch: str) -> str:
