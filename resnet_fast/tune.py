@@ -65,7 +65,7 @@ def _check(args: argparse.Namespace) -> torch.device:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.json:
-        from .bench.report import check_writable
+        from .result_files import check_writable
         check_writable(args.json, args.overwrite)
     return _device(args.device)
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, command: Optional[list[str]] = None) -> int:
     print(f"first forward {seconds:.2f} s")
     print(f"tuned {counts['tuned_keys']} keys, {counts['cached_keys']} from the cache", flush=True)
     if args.json:
-        from .bench.report import write_json
+        from .result_files import write_json
         env = envinfo.collect(device)
         record = {"arch": args.arch, "batch_size": args.batch_size, "img_size": args.img_size, "dtype": args.dtype,
                   "channels_last": args.channels_last, "target": tuner.target(device),
