@@ -14,7 +14,6 @@ from train_data import FAST, train, write_cifar10
 
 from resnet_fast.train import cifar_pickle
 
-ROOT = Path(__file__).resolve().parents[1]
 _RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
 PIXELS = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
 
@@ -83,39 +82,52 @@ def test_crafted_batch_is_one_line_error(capsys, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
-# Loads every crafted file in a fresh process and prints, per file, the error and how far the peak RSS
-# grew; the address space is capped 1 GB above what the process holds, so a regression fails with
-# MemoryError here instead of taking the machine.
+# Loads every file in a fresh process and prints, per file, the error and how far the peak RSS grew; the
+# module is loaded alone (numpy, not torch), so the peak before loading is the process's own small one. The
+# address space is capped 1 GB above what the process holds, so a regression fails with MemoryError here
+# instead of taking the machine.
 _MEASURE = r"""
-import json, resource, sys
+import importlib.util, json, resource, sys
 from pathlib import Path
-from resnet_fast.train import cifar_pickle
+spec = importlib.util.spec_from_file_location("cifar_pickle", sys.argv[1])
+cifar_pickle = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cifar_pickle)
 
 def vm_bytes():
     return int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
 
+def peak_mb():  # VmHWM: getrusage's ru_maxrss would still count the peak of the process that forked this one
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+
 resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (1 << 30), resource.RLIM_INFINITY))
 out = {}
-for path in sys.argv[1:]:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for path in sys.argv[2:]:
+    before = peak_mb()
     try:
         cifar_pickle.images_and_labels(cifar_pickle.load(Path(path)))
         error = None
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-    out[Path(path).name] = [error, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024]
+    out[Path(path).name] = [error, peak_mb() - before]
 print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the address space from /proc")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads memory use from /proc")
+
+
+def _measure(paths: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _MEASURE, cifar_pickle.__file__, *map(str, paths)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@needs_proc
 def test_crafted_batches_are_refused_within_bounded_memory(tmp_path):
     paths = []
     for i, (blob, _) in enumerate(CRAFTED.values()):
         paths.append(tmp_path / f"crafted_{i}")
         paths[-1].write_bytes(blob)
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, paths)], capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = _measure(paths)
     assert proc.returncode == 0, proc.stderr
     measured = json.loads(proc.stdout)
     for (case, (_, message)), path in zip(CRAFTED.items(), paths):
@@ -124,6 +136,7 @@ def test_crafted_batches_are_refused_within_bounded_memory(tmp_path):
         assert grown_mb < 20, f"{case}: peak RSS grew {grown_mb:.0f} MB"
 
 
+@needs_proc
 def test_a_full_size_batch_loads_within_a_few_copies_of_its_size(tmp_path):
     """A real-size batch (10000 images, 30 MB) loads, and its peak is a few times the file, not more."""
     rng = np.random.default_rng(0)
@@ -133,8 +146,7 @@ def test_a_full_size_batch_loads_within_a_few_copies_of_its_size(tmp_path):
                          "filenames": [f"img_{i}.png" for i in range(10_000)]}, protocol=2)
     path = tmp_path / "data_batch_1"
     path.write_bytes(blob.replace(b"numpy._core.", b"numpy.core."))  # as numpy 1.x wrote the official files
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = _measure([path])
     assert proc.returncode == 0, proc.stderr
     error, grown_mb = json.loads(proc.stdout)[path.name]
     assert error is None and grown_mb < 6 * len(blob) / 2**20, (error, grown_mb)
