@@ -204,6 +204,8 @@ COMMON_SOURCES = (__file__, numerics.__file__, reference.__file__, _op_meta.__fi
 def _extension_binary() -> tuple:
     extension = sys.modules.get("resnet_fast._C")
     return (extension.__file__,) if extension is not None else ()
+
+
 _SOURCE_HASHES: dict[str, Optional[str]] = {}
 _CACHE_OFF: dict[str, str] = {}  # family name -> why its choices stay off the disk
 
