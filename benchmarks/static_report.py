@@ -1,7 +1,8 @@
 """Static report of the Triton kernels' GPU code, compiled without a GPU for sm_90 (H100/H200) or sm_80 (A100).
 
     python benchmarks/static_report.py --arch sm_90 --json FILE [--models resnet18,resnet50,resnet50d]
-        [--dtypes bf16,fp32] [--batch 256] [--resolution 224] [--no-train] [--only REGEX] [--jobs N]
+        [--dtypes bf16,fp32] [--batch 256 | --batch 1,8,32,256] [--resolution 224] [--no-train] [--only REGEX]
+        [--jobs N]
 
 What it compiles is what a real launch would run, found the way a launch finds it:
   1. Each model runs a forward (eval; and train, for the BatchNorm kernels) on fake CUDA tensors with the
@@ -24,8 +25,10 @@ registers and spill_bytes from the cubin's resource usage
 (spill_bytes: the per-thread local-memory stack frame, which the driver reports as
 CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES and triton as 4 x n_spills), shared_bytes (triton's metadata), wgmma
 ("wgmma.mma_async" in the PTX), tma ("cp.async.bulk.tensor"), cp_async, mma_sync, div_rem (integer div/rem
-instructions in the PTX), has_dot (a tl.dot in the TTIR). Exits 1 if any record spills, or if a bf16/fp16
-kernel with a tl.dot compiles without wgmma on sm_90.
+instructions in the PTX), has_dot (a tl.dot in the TTIR), short_tile (a conv tile of fewer than 16 rows per
+warp, too short for wgmma's 64 rows per warpgroup). Exits 1 if any record spills, or if a bf16/fp16 kernel
+with a tl.dot compiles without wgmma on sm_90, except a short tile, which must use mma.sync instead: the tuner
+keeps one only as the smallest tile of a problem shorter than every wgmma tile (the fc below batch 64).
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, required=True, help="where to write the report")
     p.add_argument("--models", default="resnet18,resnet50,resnet50d")
     p.add_argument("--dtypes", default="bf16,fp32", help=f"any of {','.join(DTYPES)}")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", default="256", help="batch sizes, comma-separated")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--no-train", action="store_true", help="skip the BatchNorm/add_relu (training) kernels")
     p.add_argument("--only", default=None, help="regex over 'kernel mode shape': compile just those")
@@ -310,10 +313,10 @@ def collect_launches(args) -> list[dict]:
     entries, seen = [], set()
     for dtype_name in args.dtypes.split(","):
         dtype, conv_tf32 = DTYPES[dtype_name]
-        for model in args.models.split(","):
-            calls = model_op_calls(model, dtype, args.batch, args.resolution, train=False)
+        for model, batch in [(m, int(b)) for m in args.models.split(",") for b in args.batch.split(",")]:
+            calls = model_op_calls(model, dtype, batch, args.resolution, train=False)
             if not args.no_train:
-                calls += _training_family(model_op_calls(model, dtype, args.batch, args.resolution, train=True))
+                calls += _training_family(model_op_calls(model, dtype, batch, args.resolution, train=True))
             for name, call_args, call_kwargs in calls:
                 label = op_label(name, call_args)
                 if (name, label, dtype_name) in seen:
@@ -324,10 +327,11 @@ def collect_launches(args) -> list[dict]:
                         continue
                     spec = specialize(fn, backend, a, kw)
                     tiles = candidate.kwargs if candidate is not None else {}
+                    warps = spec[3].num_warps
                     entries.append({
                         "kernel": fn.__name__.lstrip("_"), "mode": mode, "shape": label, "dtype": dtype_name,
-                        "arch": args.arch, "config": {**tiles, "num_warps": spec[3].num_warps,
-                                                      "num_stages": spec[3].num_stages},
+                        "arch": args.arch, "config": {**tiles, "num_warps": warps, "num_stages": spec[3].num_stages},
+                        "short_tile": "BLOCK_M" in tiles and tiles["BLOCK_M"] < 16 * warps,
                         "models": [model], "_key": _compile_key(fn, *spec),
                         "_job": (*_module_attr(fn), spec[0], spec[1], spec[2], spec[3].__dict__, capability)})
     return _merge_models(entries)
@@ -351,7 +355,10 @@ def failures(records: list[dict]) -> list[str]:
         if r["spill_bytes"]:
             bad.append(f"spills {r['spill_bytes']} B: {what}")
         if r["arch"] == "sm_90" and r["dtype"] in ("bf16", "fp16") and r["has_dot"] and not r["wgmma"]:
-            bad.append(f"no wgmma.mma_async: {what}")
+            if not r["short_tile"]:
+                bad.append(f"no wgmma.mma_async: {what}")
+            elif not r["mma_sync"]:
+                bad.append(f"a short tile without wgmma or mma.sync: {what}")
     return bad
 
 
@@ -395,7 +402,7 @@ def main(argv=None) -> int:
     report = {
         "command": " ".join([sys.executable, *sys.argv]), **envinfo.collect("cpu"),
         "arch": args.arch, "models": args.models.split(","), "dtypes": args.dtypes.split(","),
-        "batch": args.batch, "resolution": args.resolution, "distinct_compiles": len(jobs),
+        "batch": [int(b) for b in args.batch.split(",")], "resolution": args.resolution, "distinct_compiles": len(jobs),
         "seconds": round(seconds, 1), "failures": bad, "summary": summary(records), "records": records,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def _check(args: argparse.Namespace) -> torch.device:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.json:
-        from .bench.report import check_writable
+        from .result_files import check_writable
         check_writable(args.json, args.overwrite)
     return _device(args.device)
 
@@ -133,20 +133,23 @@ def run(args: argparse.Namespace, command: Optional[list[str]] = None) -> int:
     dtype = DTYPES[args.dtype]
     seconds, events = first_forward(args.arch, args.batch_size, args.img_size, dtype, args.channels_last, device)
     counts = summary(events)
+    cache_off = tuner.disk_cache_off()
+    cache = f"cache off, {cache_off}: every process tunes again" if cache_off else f"cache {tuner.cache_dir()}"
     print(f"{args.arch} batch {args.batch_size} {args.img_size}x{args.img_size} {args.dtype} "
           f"{'channels_last' if args.channels_last else 'contiguous'} on {envinfo.device_name(device)} "
-          f"(target {tuner.target(device)}; cache {tuner.cache_dir()})")
+          f"(target {tuner.target(device)}; {cache})")
     print(_table(_rows(events)))
     if any(e.ms is None for e in events):
         print("(interpreter: every candidate validated, none timed; the first survivor in list order runs)")
     print(f"first forward {seconds:.2f} s")
     print(f"tuned {counts['tuned_keys']} keys, {counts['cached_keys']} from the cache", flush=True)
     if args.json:
-        from .bench.report import write_json
+        from .result_files import write_json
         env = envinfo.collect(device)
         record = {"arch": args.arch, "batch_size": args.batch_size, "img_size": args.img_size, "dtype": args.dtype,
                   "channels_last": args.channels_last, "target": tuner.target(device),
-                  "cache_dir": str(tuner.cache_dir()), "first_call_s": seconds, **counts, **env,
+                  "cache_dir": str(tuner.cache_dir()), "cache_off": cache_off or None, "first_call_s": seconds,
+                  **counts, **env,
                   "command": list(sys.argv if command is None else command),
                   "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "calls": [_record(e) for e in events]}

@@ -150,20 +150,6 @@ def test_malicious_cifar_pickle_is_refused_without_running_it(capsys, tmp_path, 
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("protocol", [2, 5])
-def test_cifar_pickles_of_numpy_1_and_2_load(protocol):
-    """The official batches were pickled by numpy 1.x (numpy.core.multiarray) as protocol 2;
-    protocol 5 rebuilds arrays with numpy's _frombuffer."""
-    import io
-    import pickle
-
-    labels, pixels = [3, 1], np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
-    blob = pickle.dumps({"data": pixels, "labels": labels, "batch_label": b"x"}, protocol=protocol)
-    blob = blob.replace(b"numpy._core.", b"numpy.core.") if protocol == 2 else blob
-    entry = data._CifarUnpickler(io.BytesIO(blob), encoding="latin1").load()
-    assert entry["labels"] == labels and np.array_equal(entry["data"], pixels) and entry["batch_label"] == b"x"
-
-
 def test_synthetic_data_is_fixed_and_balanced():
     a, b = data.SyntheticImages(16, True), data.SyntheticImages(16, True)
     val = data.SyntheticImages(16, False)

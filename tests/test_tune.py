@@ -45,6 +45,18 @@ def test_tune_twice_tunes_nothing_the_second_time(module_cache, tmp_path, capsys
     assert capsys.readouterr().out.splitlines()[-1] == f"tuned 0 keys, {keys} from the cache"
 
 
+def test_tune_says_when_the_disk_cache_is_off(module_cache, monkeypatch, capsys, tmp_path):
+    from resnet_fast import tune
+    from resnet_fast.ops.triton import tuner
+    monkeypatch.setattr(tune, "first_forward", lambda *args: (0.5, []))  # the header is what is checked
+    monkeypatch.setattr(tuner, "_CACHE_OFF", {"conv_bias_act": "cannot read /x/numerics.py (Permission denied)"})
+    out = tmp_path / "t.json"
+    assert cli.main(["tune", *TINY, "--device", DEVICE, "--json", str(out)]) == 0
+    assert "; cache off, conv_bias_act: cannot read /x/numerics.py (Permission denied): every process tunes " \
+           "again)" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads(out.read_text())[0]["cache_off"].startswith("conv_bias_act: cannot read /x/numerics.py")
+
+
 def test_tune_on_cpu_needs_the_interpreter(monkeypatch, capsys):
     monkeypatch.setattr(dispatch, "interpreter_enabled", lambda: False)
     assert cli.main(["tune", *TINY, "--device", "cpu"]) == 2

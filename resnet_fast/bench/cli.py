@@ -28,10 +28,11 @@ import resnet_fast
 
 from .. import envinfo
 from ..ops import dispatch
+from ..result_files import check_writable, write_json
 from . import first_call
 from .contenders import (COMPILE, ERROR_CALLS, IMPLS, RESNET_FAST, Spec, base_model, build, default_impls,
                          describe_reference, errors, inputs, reference, unsupported)
-from .report import check_writable, table, write_csv, write_json
+from .report import table, write_csv
 from .timing import MIN_ROUNDS, Progress, Timer, interleaved, throughput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
 import shlex
-from typing import Iterable, Optional
+from typing import Iterable
 
+from ..result_files import open_result
 from . import first_call
 from .contenders import COMPILE, EAGER, EAGER_CL, RESNET_FAST, RF_TORCH, TORCHSCRIPT
 
@@ -16,28 +15,6 @@ FIELDS = ("arch", "mode", "dtype", "batch_size", "img_size", "device", "impl", "
           "command", "timestamp")
 _SHORT = {RESNET_FAST: "resnet_fast", EAGER: "eager", EAGER_CL: "eager_cl", COMPILE: "compile",
           TORCHSCRIPT: "jit_frozen", RF_TORCH: "rf_torch"}
-
-
-def check_writable(path: Optional[str], overwrite: bool) -> None:
-    """Fail before any benchmarking if the result could not be written."""
-    if path is None:
-        return
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot write {path}: directory {parent} does not exist")
-
-
-def _open(path: str, overwrite: bool):
-    # "x" refuses to clobber a file that appeared while the benchmark ran.
-    return open(path, "w" if overwrite else "x", encoding="utf-8", newline="")
-
-
-def write_json(path: str, records: list[dict], overwrite: bool) -> None:
-    with _open(path, overwrite) as f:
-        json.dump(records, f, indent=2)
-        f.write("\n")
 
 
 def _flat(record: dict) -> dict:
@@ -53,7 +30,7 @@ def write_csv(path: str, records: list[dict], overwrite: bool) -> None:
     columns = [f for f in FIELDS if f != "speedup_vs"]
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with _open(path, overwrite) as f:
+    with open_result(path, overwrite) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

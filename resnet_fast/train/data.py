@@ -17,7 +17,6 @@ resumes exact whatever --workers is.
 from __future__ import annotations
 
 import itertools
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from . import stop
+from . import cifar_pickle, stop
 from .errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,48 +92,10 @@ class SyntheticImages(Dataset):
 
 # --- CIFAR-10 ----------------------------------------------------------------
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what a CIFAR-10 batch holds: dicts, lists, tuples, bytes, str,
-    ints and numpy arrays. Any other global (os.system, builtins.eval, ...) is
-    refused before it can be called, so a crafted file cannot run code: plain
-    pickle.load, which torchvision uses, would run it."""
-
-    @staticmethod
-    def _latin1_bytes(text, encoding="latin1"):
-        # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1")
-        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-            raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
-        return text.encode("latin1")
-
-    def find_class(self, module: str, name: str):
-        multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-        numeric = np._core.numeric if hasattr(np, "_core") else np.core.numeric
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): self._latin1_bytes,
-            **{(m, "_reconstruct"): multiarray._reconstruct
-               for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-            **{(m, "_frombuffer"): numeric._frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
-        }
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
-                                         "bytes, str, ints and numpy arrays")
-        return allowed[(module, name)]
-
-
-def _load_cifar_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        entry = _CifarUnpickler(f, encoding="latin1").load()  # py2 pickles, as torchvision reads them
-    if not isinstance(entry, dict):
-        raise pickle.UnpicklingError(f"a {type(entry).__name__}, not a dict")
-    return entry
-
-
 class Cifar10(Dataset):
-    """CIFAR-10 read from the python pickles with a restricted unpickler
-    (torchvision's CIFAR10 also checks the official md5 sums, which rejects any
-    other copy of the layout)."""
+    """CIFAR-10 read from the python pickles by cifar_pickle, which trusts nothing a file
+    declares (torchvision's CIFAR10 runs plain pickle.load, after checking the official md5
+    sums, which rejects any other copy of the layout)."""
 
     FOLDER = "cifar-10-batches-py"
 
@@ -151,17 +112,15 @@ class Cifar10(Dataset):
         images, labels = [], []
         for name in names:
             try:
-                entry = _load_cifar_batch(base / name)
-                images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.extend(int(v) for v in entry["labels"])
+                planes, batch_labels = cifar_pickle.images_and_labels(cifar_pickle.load(base / name))
             except Exception as exc:
                 reason = (str(exc).splitlines() or [""])[0]
                 raise DataError(f"CIFAR-10 batch {base / name} is unreadable ({type(exc).__name__}: {reason}); "
                                 "expected a pickled dict with 'data' (N x 3072 uint8) and 'labels'") from None
+            images.append(planes)
+            labels.extend(batch_labels)
         self.data = np.concatenate(images).transpose(0, 2, 3, 1)  # NCHW planes -> HWC images
         self.targets = labels
-        if len(self.targets) != len(self.data):
-            raise DataError(f"CIFAR-10 under {base}: {len(self.data)} images but {len(self.targets)} labels")
         self.transform = transform
 
     def __len__(self) -> int:

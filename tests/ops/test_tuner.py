@@ -18,6 +18,7 @@ import torch
 
 from _backends import DEVICE, launched, rand_nhwc, require_triton_here
 from _numerics import assert_2x, fp32_precision
+from resnet_fast import numerics
 from resnet_fast.ops import reference
 
 require_triton_here()
@@ -213,6 +214,49 @@ def test_autocast_neither_loosens_validation_nor_changes_the_torch_paths_dtype(f
     run_and_check(x, weight, bias, r)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="injects into the interpreter's candidate list")
+def test_the_2x_rule_discards_a_bf16_candidate_at_3x_eagers_error_and_keeps_one_at_1_5x(fresh, monkeypatch):
+    """Planted candidates whose output is the float64 reference plus eager bf16's own error times 3 (a near
+    miss: over 2x) and times 1.5. The inputs make the residual cancel a conv output of order 100, so eager's
+    bf16 rounding (~0.2) dwarfs the rule's floor (2^-6 of |ref| ~ 1) and the 2x term alone decides."""
+    near_miss = Candidate.make("conv", 4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=2)
+    within = Candidate.make("conv", 4, 1, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
+    monkeypatch.setitem(conv.CANDIDATES, "interpreter", [near_miss, within, GOOD])
+    family, real_inputs, real_run = conv.FAMILY, conv.FAMILY.inputs, conv.FAMILY.run
+
+    def cancelling_inputs(key, device, generator):
+        (x, weight, bias, _, stride, padding, dilation, relu), tf32 = real_inputs(key, device, generator)
+        weight = (weight.float() * 64).to(weight.dtype).contiguous(memory_format=torch.channels_last)
+        y = reference.conv_bias_act(x.double(), weight.double(), bias.double(), None, stride, padding, dilation,
+                                    False)
+        noise = torch.randn(y.shape, generator=generator, device=device, dtype=torch.float64)
+        residual = (noise - y).to(x.dtype).contiguous(memory_format=torch.channels_last)
+        return (x, weight, bias, residual, stride, padding, dilation, relu), tf32
+
+    ratios = {}
+
+    def run(candidate, inputs):
+        if candidate not in (near_miss, within):
+            return real_run(candidate, inputs)
+        eager, exact = family.references(inputs)
+        k = 3.0 if candidate == near_miss else 1.5
+        out = (exact + k * (eager.double() - exact)).to(torch.bfloat16)
+        ratios[candidate] = numerics.error(out, exact) / numerics.error(eager, exact)
+        floor = numerics.FLOOR[torch.bfloat16] * max(1.0, numerics.error(exact, torch.zeros_like(exact)))
+        assert numerics.error(eager, exact) > 5 * floor  # the floor does not decide
+        return out
+
+    monkeypatch.setattr(family, "inputs", cancelling_inputs)
+    monkeypatch.setattr(family, "run", run)
+    x, weight, _, r = conv_case(torch.bfloat16)
+    key = conv.shape_key(x, weight, r, None, [1, 1], [1, 1], [1, 1], True, "tf32")
+    with pytest.warns(TuningWarning, match=r"discarded .* GROUP_M=2 .*: wrong: error .* > 2 x eager's"):
+        record = tuner.tune(family, key, DEVICE, "interpreter")
+    assert [c for c, _ in record.rejected] == [near_miss]
+    assert [r.candidate for r in record.ranking] == [within, GOOD, tuner.TORCH_CANDIDATE]
+    assert 2.9 < ratios[near_miss] < 3.1 and 1.4 < ratios[within] < 1.6, ratios
+
+
 def test_tuning_leaves_the_callers_random_state_alone(fresh):
     case = conv_case()
     states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(DEVICE)] if DEVICE.type == "cuda" else [])
@@ -285,6 +329,48 @@ def test_a_damaged_cache_file_is_ignored_with_a_warning_and_rewritten(fresh, dam
     with pytest.warns(TuningWarning, match=rf"{path}.*re-tuning|ignoring .*{path}"):
         run_and_check(*case)
     assert json.loads(path.read_text())["ranking"] == json.loads(good)["ranking"]
+
+
+def test_the_cache_key_hashes_every_source_a_choice_depends_on(monkeypatch, tmp_path):
+    """The kernels, the tuner, the 2x rule, the references (and their accumulation dtypes), the launch helpers
+    and the torch path's epilogue: a change to any of them is a new key."""
+    hashed = {Path(p).name for p in (*tuner.COMMON_SOURCES, *conv.FAMILY.sources)}
+    assert {"conv.py", "conv_tma.py", "_common.py", "tuner.py", "numerics.py", "reference.py", "_op_meta.py",
+            "ext.py"} <= hashed
+    assert {"pool.py", "numerics.py", "reference.py"} <= {Path(p).name for p in (*tuner.COMMON_SOURCES,
+                                                                                    *pool.FAMILY.sources)}
+    copies = []
+    for i, path in enumerate(tuner.COMMON_SOURCES):
+        copies.append(tmp_path / f"{i}_{Path(path).name}")
+        copies[-1].write_bytes(Path(path).read_bytes())
+    monkeypatch.setattr(tuner, "COMMON_SOURCES", tuple(map(str, copies)))
+    monkeypatch.setattr(tuner, "_SOURCE_HASHES", {})
+    before = tuner.source_hash(conv.FAMILY)
+    for copy in copies:
+        text = copy.read_bytes()
+        copy.write_bytes(text + b"\n# changed\n")
+        tuner._SOURCE_HASHES.clear()
+        assert tuner.source_hash(conv.FAMILY) != before, copy.name
+        copy.write_bytes(text)
+    tuner._SOURCE_HASHES.clear()
+    assert tuner.source_hash(conv.FAMILY) == before
+
+
+def test_an_unreadable_source_turns_the_disk_cache_off(fresh, monkeypatch):
+    missing = fresh / "gone" / "numerics.py"
+    monkeypatch.setattr(tuner, "COMMON_SOURCES", (*tuner.COMMON_SOURCES, str(missing)))
+    for state in ("_SOURCE_HASHES", "_CACHE_OFF"):
+        monkeypatch.setattr(tuner, state, {})
+    monkeypatch.setitem(tuner._STATE, "source_warned", {})
+    case = conv_case()
+    with pytest.warns(TuningWarning, match=rf"the tuning cache is off for conv_bias_act: cannot read {missing} "
+                                           r"\(No such file or directory\); its choices are tuned in every process"):
+        run_and_check(*case)
+    assert not cache_files(fresh) and str(missing) in tuner.disk_cache_off()
+    tuner.clear()  # as a new process would start: it tunes again, since nothing was cached
+    runs = tuner.STATS["candidate_runs"]
+    run_and_check(*case)
+    assert tuner.STATS["candidate_runs"] > runs and not cache_files(fresh)
 
 
 def test_an_unwritable_cache_warns_and_keeps_choices_in_memory(fresh, monkeypatch):

@@ -171,7 +171,7 @@ class _ConvFamily(tuner.Family):
 
     @property
     def sources(self):
-        return (__file__, conv_tma.__file__, _common.__file__)
+        return (__file__, conv_tma.__file__)
 
     def candidates(self, target, key, smem):
         listed = [c for c in CANDIDATES[target] if _applies(c, key)]

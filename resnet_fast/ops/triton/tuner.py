@@ -28,8 +28,10 @@ through every Hopper candidate on CPU that way).
 Cache: one JSON file per key, cache_dir()/tuning/<identity>/<kernel>/<key hash>.json, written atomically
 (temp file + os.replace) under a per-key file lock, so processes and DDP ranks share it: one rank tunes
 a key, the others wait and read its result. The identity (device name and capability or "interpreter",
-target, triton and torch versions, a hash of the kernel sources) is repeated in the file and checked on
-load; a corrupt, truncated or foreign file is ignored with a warning and rewritten.
+target, triton and torch versions, a hash of every source a choice depends on: the kernels, the tuner, the
+2x rule, the references, the torch path's epilogue) is repeated in the file and checked on load; a corrupt,
+truncated or foreign file is ignored with a warning and rewritten. Where a source cannot be read (a zipped
+install), the disk cache is off for that family, with a warning: its choices are tuned in every process.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -50,8 +53,11 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import torch
 import triton
 
+from ... import numerics
 from ...numerics import within_2x
+from .. import _op_meta, ext, reference
 from ..dispatch import interpreter_enabled
+from . import _common
 
 TARGETS = ("sm90", "sm80")
 TARGET_ENV = "RESNET_FAST_TUNE_TARGET"
@@ -109,7 +115,7 @@ class Family:
     """What the tuner needs to know about one kernel family. Subclasses set name, key_type, sources."""
     name: str  # e.g. "conv_bias_act"
     key_type: type  # the NamedTuple of its shape keys (fields: ints, bools, strings)
-    sources: tuple  # files whose text identifies the kernels (hashed into the cache identity)
+    sources: tuple  # its kernels' files, beside COMMON_SOURCES (all hashed into the cache identity)
 
     def candidates(self, target: str, key, smem: int) -> list[Candidate]:
         """Every candidate to try, in preference order, TORCH_CANDIDATE last."""
@@ -189,19 +195,41 @@ def cache_dir() -> Path:
     return Path(base) / "resnet_fast"
 
 
-_SOURCE_HASHES: dict[str, str] = {}
+# What every family's choices depend on besides its kernels: this tuner (inputs, checks), the 2x rule, the
+# references and their accumulation dtypes, the launch helpers, the torch path's fused epilogue (ext.py, and
+# the compiled extension where it loaded).
+COMMON_SOURCES = (__file__, numerics.__file__, reference.__file__, _op_meta.__file__, _common.__file__, ext.__file__)
 
 
-def source_hash(family: Family) -> str:
+def _extension_binary() -> tuple:
+    extension = sys.modules.get("resnet_fast._C")
+    return (extension.__file__,) if extension is not None else ()
+
+
+_SOURCE_HASHES: dict[str, Optional[str]] = {}
+_CACHE_OFF: dict[str, str] = {}  # family name -> why its choices stay off the disk
+
+
+def source_hash(family: Family) -> Optional[str]:
+    """A hash of every source a cached choice of `family` depends on; None when one cannot be read (a path
+    would not say whether the code changed: the disk cache is then off for the family)."""
     if family.name not in _SOURCE_HASHES:
         digest = hashlib.sha256()
-        for path in (*family.sources, __file__):
+        for path in (*COMMON_SOURCES, *_extension_binary(), *family.sources):
             try:
                 digest.update(Path(path).read_bytes())
-            except OSError:  # no readable source (e.g. a zipped install): the path and version stand in
-                digest.update(f"{path} {triton.__version__}".encode())
-        _SOURCE_HASHES[family.name] = digest.hexdigest()[:16]
+            except OSError as exc:
+                _SOURCE_HASHES[family.name] = None
+                _CACHE_OFF[family.name] = f"cannot read {path} ({exc.strerror or exc})"
+                break
+        else:
+            _SOURCE_HASHES[family.name] = digest.hexdigest()[:16]
     return _SOURCE_HASHES[family.name]
+
+
+def disk_cache_off() -> str:
+    """Why the disk cache is off for some family used so far ("" when it is on for all of them)."""
+    return "; ".join(f"{name}: {why}" for name, why in sorted(_CACHE_OFF.items()))
 
 
 def identity(family: Family, device: torch.device, target_name: str) -> dict:
@@ -277,7 +305,7 @@ class Event(NamedTuple):
 _RECORDS: dict = {}  # (family, key, device, target) -> Record
 _CHOICES: dict = {}  # (family, key, device, target env, triton_only) -> Candidate: the hot path
 _LOCK = threading.RLock()
-_STATE = {"triton_only": False, "events": None, "cache_warned": False}
+_STATE = {"triton_only": False, "events": None, "cache_warned": False, "source_warned": {}}
 STATS = {"tuned": 0, "from_cache": 0, "candidate_runs": 0}
 
 
@@ -345,6 +373,12 @@ def _warn(message: str) -> None:
 
 def _load_or_tune(family: Family, key, device: torch.device, target_name: str) -> tuple[Record, str]:
     ident = identity(family, device, target_name)
+    if ident["source"] is None:
+        if not _STATE["source_warned"].get(family.name):
+            _STATE["source_warned"][family.name] = True
+            _warn(f"resnet_fast tuner: the tuning cache is off for {family.name}: {_CACHE_OFF[family.name]}; its "
+                  "choices are tuned in every process")
+        return tune(family, key, device, target_name), "tuned"
     path = cache_path(family, key, ident)
     allowed = set(family.candidates(target_name, key, device_smem(device, target_name)))
     record = _load(path, ident, key, allowed)
