@@ -10,7 +10,7 @@ side of a .5 and differ by one).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Optional
 
 import torch
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import ext
+
+# Calls per kernel ("conv", "conv_sum_relu", "prepack"): tests read them to prove the int8 kernels ran.
+CALLS: Counter = Counter()
 
 # Prepacked weights kept per conv: one per input shape, the least recently used dropped first.
 SHAPES_PER_CONV = 4
@@ -45,6 +48,7 @@ class PackedConv:
         if w is not None:
             self.by_shape.move_to_end(shape)
             return w
+        CALLS["prepack"] += 1
         w = self.by_shape[shape] = torch.ops.onednn.qconv_prepack(
             self.weight, self.w_scale, self.x_scale, self.x_zero_point, self.stride, self.padding, self.dilation,
             self.groups, list(shape))
@@ -59,9 +63,11 @@ def conv(x: Tensor, c: PackedConv, relu: bool, accum: Optional[Tensor] = None,
     is oneDNN's sum post-op: it is overwritten (the caller must own it)."""
     w = c.packed_weight(x)
     if accum is None:
+        CALLS["conv"] += 1
         return torch.ops.onednn.qconv2d_pointwise(
             x, c.x_scale, c.x_zero_point, w, c.w_scale, c.w_zero_point, c.bias, c.stride, c.padding, c.dilation,
             c.groups, c.out_scale, c.out_zero_point, None, "relu" if relu else "none", [], "")
+    CALLS["conv_sum_relu" if relu else "conv_sum"] += 1
     return torch.ops.onednn.qconv2d_pointwise.binary(
         x, c.x_scale, c.x_zero_point, w, c.w_scale, c.w_zero_point, accum, c.bias, c.stride, c.padding,
         c.dilation, c.groups, c.out_scale, c.out_zero_point, None, accum_qparams[0], accum_qparams[1], "sum", 1.0,

@@ -187,15 +187,15 @@ class QuantizedResNet(nn.Module):
 
     def _plan(self) -> _Plan:
         cached = _PLANS.get(self)
-        modules = cached[2] if cached is not None else tuple(self.modules())
-        key = self._key(modules)
-        if cached is not None and key is not None and cached[0] == key:
-            return cached[1]
-        modules = tuple(self.modules())
-        key = self._key(modules)
+        if cached is not None:
+            key = self._key((self, *cached[2]))
+            if key is not None and cached[0] == key:
+                return cached[1]
+        submodules = tuple(self.modules())[1:]  # the cache holds these, never self (it is keyed weakly by self)
+        key = self._key((self, *submodules))
         plan = self._build_plan()
         if key is not None:
-            _PLANS[self] = (key, plan, modules)
+            _PLANS[self] = (key, plan, submodules)
         return plan
 
     def _build_plan(self) -> _Plan:
