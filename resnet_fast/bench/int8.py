@@ -43,7 +43,8 @@ def resnet_fast_int8(base: nn.Module, calib: list[Tensor]) -> Callable[[Tensor],
 def torchvision_int8(base: nn.Module, arch: str, calib: list[Tensor]) -> Callable[[Tensor], Tensor]:
     import torchvision
     from torch.ao import quantization as tq
-    model = getattr(torchvision.models.quantization, arch)(weights=None, quantize=False)
+    model = getattr(torchvision.models.quantization, arch)(weights=None, quantize=False,
+                                                           num_classes=base.fc.out_features)
     model.load_state_dict(base.state_dict())
     model.eval()
     model.fuse_model()
