@@ -79,8 +79,8 @@ class Contender:
 
 
 def default_impls(spec: Spec) -> list[str]:
-    if spec.int8:
-        return [i for i in INT8_IMPLS if unsupported(i, spec) is None]
+    if spec.int8:  # the runnable ones; none (train, CUDA): resnet_fast, whose refusal plan() then reports
+        return [i for i in INT8_IMPLS if unsupported(i, spec) is None] or [RESNET_FAST]
     if not spec.has_torchvision:  # ResNet-D: no torchvision model; plain-torch resnet_fast is the baseline
         return [RESNET_FAST, RF_TORCH]
     if spec.device.type == "cpu" and spec.dtype != torch.float32:
