@@ -62,15 +62,15 @@ def stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def predict(forward, x: torch.Tensor) -> torch.Tensor:
-    """Top-1 classes, in full batches of BATCH (PT2E's exported graph has a static batch size)."""
-    preds = []
+def logits(forward, x: torch.Tensor) -> torch.Tensor:
+    """forward(x) in full batches of BATCH (PT2E's exported graph has a static batch size)."""
+    out = []
     with torch.no_grad():
         for i in range(0, len(x), BATCH):
             chunk = x[i:i + BATCH]
             padded = torch.cat([chunk, chunk[:1].expand(BATCH - len(chunk), *chunk.shape[1:])])
-            preds.append(forward(padded)[:len(chunk)].argmax(1))
-    return torch.cat(preds)
+            out.append(forward(padded)[:len(chunk)].float())
+    return torch.cat(out)
 
 
 def main() -> int:
@@ -78,12 +78,15 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/resnet_fast_int8_digits", help="data and checkpoint folder")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--reuse", action="store_true", help="reuse the checkpoint of an earlier run in --work")
     args = p.parse_args()
     work = Path(args.work)
     root = work / "digits"
     if not (root / "val").is_dir():
         write_digits(root)
-    ckpt = torch.load(train(root, work / "run", args.epochs), weights_only=True)
+    last = work / "run" / "last.pt"
+    ckpt = torch.load(last if args.reuse and last.exists() else train(root, work / "run", args.epochs),
+                      weights_only=True)
     model = resnet_fast.resnet18(num_classes=10)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -95,14 +98,19 @@ def main() -> int:
     x_cal = torch.stack([splits.train[i][0] for i in order])
     calibration = list(x_cal.split(BATCH))
 
-    fp32 = predict(model, x_val)
+    fp32_logits = logits(model, x_val)
+    fp32 = fp32_logits.argmax(1)
     results = {"fp32": {"top1": (fp32 == y_val).double().mean().item()}}
 
     def record(name, forward, seconds):
-        pred = predict(forward, x_val)
+        out = logits(forward, x_val)
+        pred = out.argmax(1)
         top1 = (pred == y_val).double().mean().item()
+        # finer than agreement: the logits' error relative to each image's largest fp32 logit, mean over images
+        rel = ((out - fp32_logits).abs().amax(1) / fp32_logits.abs().amax(1)).mean().item()
         results[name] = {"top1": top1, "drop_points": 100 * (results["fp32"]["top1"] - top1),
-                         "agreement_with_fp32": (pred == fp32).double().mean().item(), "quantize_s": seconds}
+                         "agreement_with_fp32": (pred == fp32).double().mean().item(),
+                         "mean_rel_logit_err": rel, "quantize_s": seconds}
         print(name, results[name], flush=True)
 
     for observer in ("mse", "percentile", "minmax"):
