@@ -191,3 +191,14 @@ def test_channels_last_and_inference_mode_inputs():
     with torch.inference_mode():
         assert torch.equal(q(x.contiguous(memory_format=CL)), y)
         assert q(x[:0]).shape == (0, 10)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 7), (2, 40, 9, 8), (1, 64, 15, 15), (2, 70, 1, 2)])
+def test_extension_max_pool_on_uint8_is_exact(shape):
+    from resnet_fast.ops import ext
+    if not ext.available("cpu"):
+        pytest.skip("resnet_fast._C not built")
+    x = _codes(shape, seed=sum(shape))
+    got = torch.ops.resnet_fast.max_pool_3x3s2(x)
+    assert got.dtype == torch.uint8 and got.is_contiguous(memory_format=CL)
+    assert torch.equal(got.double(), torch.nn.functional.max_pool2d(x.double(), 3, 2, 1))
