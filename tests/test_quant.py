@@ -1,7 +1,6 @@
 """INT8 (resnet_fast.quantize): each oneDNN int8 layer and the whole model against the plain-torch fake-quant
 reference (resnet_fast/quant/reference.py), calibration determinism, the state_dict round trip and the
 invalidation of the prepacked weights."""
-import io
 import gc
 
 import pytest

@@ -10,7 +10,6 @@ PT2E's exported graph has a static batch size).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 from typing import Callable
@@ -78,7 +77,3 @@ def top1_agreement(outputs: Tensor, reference: Tensor) -> float:
     """Fraction of images whose top-1 class matches the reference's."""
     return (outputs.argmax(1) == reference.argmax(1)).double().mean().item()
 
-
-@contextlib.contextmanager
-def nothing():
-    yield

@@ -92,7 +92,6 @@ class _Plan(NamedTuple):
     stem: tuple[kernels.PackedConv, ...]
     maxpool: PoolSpec
     blocks: tuple[_Block, ...]
-    out_qparams: tuple[float, int]
 
 
 _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -202,7 +201,7 @@ class QuantizedResNet(nn.Module):
         if int(self.weight_qmax) > isa.weight_qmax():
             raise RuntimeError(f"this QuantizedResNet has 8-bit weights, which oneDNN would saturate on this CPU "
                                f"({isa.isa_name()}); quantize the fp32 model on this CPU (7-bit weights)")
-        qparams = (self.input_scale.item(), int(self.input_zero_point))
+        input_qparams = qparams = (self.input_scale.item(), int(self.input_zero_point))
 
         def packed(c: QConv, x_qparams):
             return kernels.PackedConv(c.weight, c.weight_scale, c.bias, c.geometry.tolist(), x_qparams,
@@ -211,7 +210,6 @@ class QuantizedResNet(nn.Module):
         for c in self.stem:
             stem.append(packed(c, qparams))
             qparams = c.out_qparams()
-        input_qparams = (self.input_scale.item(), int(self.input_zero_point))
         blocks = []
         for b in self.blocks:
             shortcut = None if b.shortcut is None else packed(b.shortcut, qparams)
@@ -220,7 +218,7 @@ class QuantizedResNet(nn.Module):
                 convs.append(packed(c, qparams))
                 qparams = c.out_qparams()
             blocks.append(_Block(_pool_spec("avg", b.shortcut_pool), shortcut, tuple(convs)))
-        return _Plan(input_qparams, tuple(stem), _pool_spec("max", self.maxpool), tuple(blocks), qparams)
+        return _Plan(input_qparams, tuple(stem), _pool_spec("max", self.maxpool), tuple(blocks))
 
 
 def build(net: Net, qparams: dict[str, tuple[float, int]], weight_qmax: int) -> QuantizedResNet:

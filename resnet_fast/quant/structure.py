@@ -148,10 +148,3 @@ def read(model: nn.Module) -> Net:
     return Net(stem[0].weight.shape[1], stem, maxpool, tuple(blocks), model.fc.weight.detach().float(),
                fc_bias.detach().float())
 
-
-def convs(net: Net) -> list[ConvSpec]:
-    """Every conv of the net in execution order (a block's shortcut before its convs)."""
-    out = list(net.stem)
-    for b in net.blocks:
-        out += ([b.shortcut] if b.shortcut is not None else []) + list(b.convs)
-    return out
