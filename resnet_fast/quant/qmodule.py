@@ -40,7 +40,7 @@ class QConv(nn.Module):
     @classmethod
     def from_spec(cls, c: ConvSpec, out_qparams: tuple[float, int], qmax: int) -> "QConv":
         m = cls(tuple(c.weight.shape))
-        w = c.weight.double()
+        w = c.weight.float()
         scale = (w.abs().amax((1, 2, 3)) / qmax).clamp_min(1e-12)
         m.weight.copy_(torch.round(w / scale.view(-1, 1, 1, 1)).clamp(-qmax, qmax).to(torch.int8))
         m.weight_scale.copy_(scale)
