@@ -35,7 +35,8 @@ from .contenders import (COMPILE, ERROR_CALLS, IMPLS, RESNET_FAST, Spec, base_mo
 from .report import table, write_csv
 from .timing import MIN_ROUNDS, Progress, Timer, interleaved, throughput
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# int8: CPU inference of the fp32 model quantized by each int8 contender (bench/int8.py)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 MODES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -230,7 +231,7 @@ def _warm_up(step, calls: int, checked: int, timer: Timer, progress: Progress) -
 def _bench(spec: Spec, impls: list[str], todo: Plan, progress: Progress) -> list[dict]:
     """One configuration: records (without run-wide fields) in impls order."""
     first = {}
-    if todo.first_call and RESNET_FAST in impls and first_call.applies(spec):
+    if todo.first_call and RESNET_FAST in impls and not spec.int8 and first_call.applies(spec):
         progress.set_description(f"{spec.arch} first call, cold and warm tuning cache")
         try:
             first = first_call.measure(spec)

@@ -22,14 +22,21 @@ from torch import Tensor, nn
 import resnet_fast
 from resnet_fast.models import TORCHVISION_ARCHS
 
+from . import int8
+
 RESNET_FAST = "resnet_fast"
 EAGER = "torchvision_eager"
 EAGER_CL = "torchvision_channels_last"
 COMPILE = "torch_compile"
 TORCHSCRIPT = "torchscript_frozen"
 RF_TORCH = "resnet_fast_torch_backend"
-IMPLS = (RESNET_FAST, EAGER, EAGER_CL, COMPILE, TORCHSCRIPT, RF_TORCH)
-TORCHVISION_IMPLS = (EAGER, EAGER_CL, COMPILE, TORCHSCRIPT)
+TORCHVISION_INT8 = int8.TORCHVISION_INT8
+PT2E_INT8 = int8.PT2E_INT8
+IMPLS = (RESNET_FAST, EAGER, EAGER_CL, COMPILE, TORCHSCRIPT, RF_TORCH, TORCHVISION_INT8, PT2E_INT8)
+TORCHVISION_IMPLS = (EAGER, EAGER_CL, COMPILE, TORCHSCRIPT, TORCHVISION_INT8, PT2E_INT8)
+# --dtype int8: the fp32 model quantized by each contender (torch_compile stays fp32, the baseline).
+INT8_IMPLS = (RESNET_FAST, TORCHVISION_INT8, PT2E_INT8, COMPILE)
+TORCHVISION_QUANTIZED_ARCHS = ("resnet18", "resnet50", "resnext101_32x8d", "resnext101_64x4d")
 
 LR = 0.01  # SGD step size: large enough that the loss after one step depends on the gradients
 ERROR_CALLS = {"infer": 1, "train": 2}  # first calls whose outputs are checked (from identical weights)
@@ -53,6 +60,15 @@ class Spec:
     def has_torchvision(self) -> bool:
         return self.arch in TORCHVISION_ARCHS
 
+    @property
+    def int8(self) -> bool:
+        return self.dtype == torch.int8
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype of the model's weights and input (int8 contenders quantize an fp32 model)."""
+        return torch.float32 if self.int8 or self.mode == "train" else self.dtype
+
 
 @dataclass
 class Contender:
@@ -63,6 +79,8 @@ class Contender:
 
 
 def default_impls(spec: Spec) -> list[str]:
+    if spec.int8:  # the runnable ones; none (train, CUDA): resnet_fast, whose refusal plan() then reports
+        return [i for i in INT8_IMPLS if unsupported(i, spec) is None] or [RESNET_FAST]
     if not spec.has_torchvision:  # ResNet-D: no torchvision model; plain-torch resnet_fast is the baseline
         return [RESNET_FAST, RF_TORCH]
     if spec.device.type == "cpu" and spec.dtype != torch.float32:
@@ -82,6 +100,16 @@ def unsupported(impl: str, spec: Spec) -> str | None:
         return f"impl {impl!r} needs a torchvision model and torchvision has no {spec.arch}; use {RESNET_FAST}, {RF_TORCH}"
     if impl == TORCHSCRIPT and spec.mode == "train":
         return f"impl {impl!r} is inference-only; drop it or use --mode infer"
+    if spec.int8 and (spec.device.type != "cpu" or spec.mode != "infer"):
+        return "--dtype int8 is CPU inference only (--device cpu --mode infer)"
+    if spec.int8 and impl not in INT8_IMPLS:
+        return f"impl {impl!r} has no int8 path; with --dtype int8 use {', '.join(INT8_IMPLS)}"
+    if impl in (TORCHVISION_INT8, PT2E_INT8) and not spec.int8:
+        return f"impl {impl!r} is int8: use --dtype int8"
+    if impl == TORCHVISION_INT8 and spec.arch not in TORCHVISION_QUANTIZED_ARCHS:
+        return f"torchvision has no quantized {spec.arch} (it has {', '.join(TORCHVISION_QUANTIZED_ARCHS)})"
+    if impl == PT2E_INT8 and not int8.pt2e_available():
+        return f"impl {impl!r} needs torchao (pip install torchao, or the bench extra)"
     return None
 
 
@@ -133,8 +161,7 @@ def inputs(spec: Spec) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(spec.seed + 1)
     x = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=g)
     y = torch.randint(0, 1000, (spec.batch_size,), generator=g)
-    x_dtype = spec.dtype if spec.mode == "infer" else torch.float32
-    return x.to(spec.device, x_dtype), y.to(spec.device)
+    return x.to(spec.device, spec.model_dtype), y.to(spec.device)
 
 
 # --- reference --------------------------------------------------------------
@@ -191,13 +218,15 @@ def errors(outputs: list[Tensor], ref: Tensor) -> dict[str, float]:
     result = {"max_abs_err": worst, "max_rel_err": worst / max(ref.abs().max().item(), 1e-30)}
     if len(outputs) > 1:
         result.update({f"step{i + 1}_loss_err": d for i, d in enumerate(diff.tolist())})
+    else:  # logits: does the contender pick the reference's class?
+        result["top1_agree"] = int8.top1_agreement(got.detach().cpu(), ref)
     return result
 
 
 # --- contenders ---------------------------------------------------------------
 
 def _memory_format(impl: str, spec: Spec) -> torch.memory_format:
-    if impl == EAGER_CL or (impl in (RESNET_FAST, RF_TORCH, COMPILE) and spec.channels_last):
+    if impl == EAGER_CL or (impl in (RESNET_FAST, RF_TORCH, COMPILE, *INT8_IMPLS) and spec.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -206,12 +235,13 @@ def _model(impl: str, base: nn.Module, spec: Spec, mf: torch.memory_format) -> n
     model = copy.deepcopy(base)  # every contender owns its weights: train steps must not leak across
     if impl in (RESNET_FAST, RF_TORCH) and spec.has_torchvision:
         model = resnet_fast.from_torchvision(model)
-    # infer: weights in the benchmark dtype; train: fp32 master weights under autocast
-    dtype = spec.dtype if spec.mode == "infer" else torch.float32
-    return model.to(device=spec.device, dtype=dtype, memory_format=mf)
+    # infer: weights in the benchmark dtype (fp32 for int8); train: fp32 master weights under autocast
+    return model.to(device=spec.device, dtype=spec.model_dtype, memory_format=mf)
 
 
 def _backend_context(impl: str, spec: Spec) -> Callable[[], contextlib.AbstractContextManager]:
+    if impl == RESNET_FAST and spec.int8:
+        return contextlib.nullcontext
     if impl == RESNET_FAST:
         return lambda: resnet_fast.use_backend(spec.backend)
     if impl == RF_TORCH:
@@ -261,11 +291,25 @@ def _train_step(model: nn.Module, forward: Callable, x: Tensor, y: Tensor, spec:
     return step
 
 
+def _int8_forward(impl: str, base: nn.Module, spec: Spec) -> tuple[Callable, Callable]:
+    """The quantized model of an int8 contender and the context its calls need."""
+    calib = int8.calibration(spec.batch_size, spec.img_size, spec.seed)
+    if impl == RESNET_FAST:
+        return int8.resnet_fast_int8(base, calib), contextlib.nullcontext
+    if impl == TORCHVISION_INT8:
+        return int8.torchvision_int8(base, spec.arch, calib), contextlib.nullcontext
+    return int8.pt2e_int8(base, calib)
+
+
 def build(impl: str, base: nn.Module, spec: Spec, x: Tensor, y: Tensor) -> Contender:
     start = time.perf_counter()
     mf = _memory_format(impl, spec)
-    model = _model(impl, base, spec, mf)
     x = x.contiguous(memory_format=mf)
+    if spec.int8 and impl != COMPILE:
+        forward, context = _int8_forward(impl, base, spec)
+        layout = "channels_last" if mf == torch.channels_last else "contiguous"
+        return Contender(impl, layout, _infer_step(forward, x, context), time.perf_counter() - start)
+    model = _model(impl, base, spec, mf)
     forward: Callable = model
     if impl == COMPILE:
         # Forget earlier archs' graphs: ResNet.forward recompiles per arch, and past dynamo's

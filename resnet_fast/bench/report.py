@@ -7,14 +7,14 @@ from typing import Iterable
 
 from ..result_files import open_result
 from . import first_call
-from .contenders import COMPILE, EAGER, EAGER_CL, RESNET_FAST, RF_TORCH, TORCHSCRIPT
+from .contenders import COMPILE, EAGER, EAGER_CL, PT2E_INT8, RESNET_FAST, RF_TORCH, TORCHSCRIPT, TORCHVISION_INT8
 
 # Required record fields first, in this order, in the CSV too.
 FIELDS = ("arch", "mode", "dtype", "batch_size", "img_size", "device", "impl", "img_per_s", "p20", "p80",
           "max_abs_err", "max_rel_err", "speedup_vs", "warmup_s", "commit", "torch", "triton", "cuda",
           "command", "timestamp")
 _SHORT = {RESNET_FAST: "resnet_fast", EAGER: "eager", EAGER_CL: "eager_cl", COMPILE: "compile",
-          TORCHSCRIPT: "jit_frozen", RF_TORCH: "rf_torch"}
+          TORCHSCRIPT: "jit_frozen", RF_TORCH: "rf_torch", TORCHVISION_INT8: "tv_int8", PT2E_INT8: "pt2e_int8"}
 
 
 def _flat(record: dict) -> dict:
@@ -53,8 +53,10 @@ def table(records: list[dict]) -> str:
                  f"(resnet_fast backend {r0['backend']}; error: {r0['error_metric']})")
         others = [r["impl"] for r in group if r["impl"] != RESNET_FAST]
         train = r0["mode"] == "train"
+        int8 = r0["dtype"] == "int8"  # int8 rows add the top-1 agreement with the reference
         header = ["impl", "layout", "img/s", "p20-p80", *(f"vs {_SHORT.get(o, o)}" for o in others),
-                  "setup s", "warm-up s", "max abs err", "max rel err", *(["step1 err", "step2 err"] if train else [])]
+                  "setup s", "warm-up s", "max abs err", "max rel err", *(["step1 err", "step2 err"] if train else []),
+                  *(["top1 agree"] if int8 else [])]
         rows = [header]
         for r in group:
             if r.get("error"):
@@ -64,7 +66,8 @@ def table(records: list[dict]) -> str:
             rows.append([r["impl"], r["memory_format"], f"{r['img_per_s']:.1f}", f"{r['p20']:.1f}-{r['p80']:.1f}",
                          *speedups, f"{r['setup_s']:.1f}", f"{r['warmup_s']:.1f}",
                          f"{r['max_abs_err']:.2e}", f"{r['max_rel_err']:.2e}",
-                         *([f"{r['step1_loss_err']:.2e}", f"{r['step2_loss_err']:.2e}"] if train else [])])
+                         *([f"{r['step1_loss_err']:.2e}", f"{r['step2_loss_err']:.2e}"] if train else []),
+                         *([f"{r['top1_agree']:.3f}"] if int8 else [])])
         first = "".join(first_call.line(r) for r in group if r["impl"] == RESNET_FAST)
         blocks.append(title + "\n" + _align(rows) + (f"\n{first}" if first else ""))
     return "\n\n".join(blocks)
