@@ -44,6 +44,11 @@ def conv_bn_eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
 def bn_act(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """act(bn(x) + residual): the module itself, so every BatchNorm semantic is torch's."""
     y = bn(x)
+    stats = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if bn.training and stats[0] is not None:
+        # torch's batch_norm updates the running statistics without bumping their version counters
+        # (torch 2.14: only the first update shows); every resnet_fast write must show.
+        torch.autograd.graph.increment_version([t for t in stats if t is not None])
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
