@@ -57,7 +57,7 @@ class _Block(FreshCaches):
         plan = fused.block_plan(self)
         if plan is None:  # a module the fused steps do not recognise: the user's modules run
             return self._torchvision_forward(x)
-        return fused.run_block(plan, x, fused.module_conv)
+        return fused.run_block(plan, x)
 
     def _add_identity_relu(self, out: Tensor, x: Tensor) -> Tensor:
         # The tail of torchvision's block forwards (for torch.fx and TorchScript).

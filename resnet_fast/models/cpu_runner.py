@@ -59,9 +59,9 @@ def forward(model: nn.Module, x: Tensor) -> Optional[Tensor]:
     return out
 
 
-def _conv(x: Tensor, step: fused.ConvBN, residual: Optional[Tensor]) -> Tensor:
+def _conv(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
     # A residual here is always an activation of this forward (never the caller's input): overwritable.
-    return onednn.conv(x, step.conv, step.bn, residual, step.relu, overwrite_residual=residual is not None)
+    return onednn.conv(x, conv, bn, residual, relu, overwrite_residual=residual is not None)
 
 
 def _run(model: nn.Module, stem: tuple, blocks: list, x: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ mode, an activation that is not exactly nn.ReLU, a module with a hook or a forwa
 a hook on every module. The caller then runs the user's modules (torchvision's forward). The check runs
 on every forward: a model can change between two calls.
 
-run_stem and run_block run the steps with a conv function: conv_bn_act for the module-by-module path
-(ResNet.forward, a block's forward), oneDNN's prepacked conv for the CPU runner. Both forwards run the
+run_stem and run_block run the steps with a conv function: ops.conv_bn's fused op for the
+module-by-module path (ResNet.forward, a block's forward), oneDNN's prepacked conv for the CPU runner. Both forwards run the
 same steps, so they cannot drift apart.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ class BlockPlan(NamedTuple):
     shortcut: Optional[ConvBN]  # the projection; None: the identity
 
 
-# conv(x, step, residual): relu?(bn(conv(x)) + residual?) for one step
-ConvFn = Callable[[Tensor, ConvBN, Optional[Tensor]], Tensor]
+# conv_fn(x, conv, bn, residual, relu): relu?(bn(conv(x)) + residual?), ops.conv_bn.fused_conv_bn_act's signature
+ConvFn = Callable[[Tensor, nn.Conv2d, nn.Module, Optional[Tensor], bool], Tensor]
 
 
 def _step(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[ConvBN]:
@@ -86,25 +86,21 @@ def steps(stem: tuple[ConvBN, ...], blocks: list[BlockPlan]) -> list[ConvBN]:
     return [*stem, *(s for b in blocks for s in (*b.convs, *((b.shortcut,) if b.shortcut else ())))]
 
 
-def run_stem(stem: tuple[ConvBN, ...], x: Tensor, conv: ConvFn) -> Tensor:
-    for step in stem:
-        x = conv(x, step, None)
+def run_stem(stem: tuple[ConvBN, ...], x: Tensor, conv_fn: ConvFn = fused_conv_bn_act) -> Tensor:
+    for s in stem:
+        x = conv_fn(x, s.conv, s.bn, None, s.relu)
     return x
 
 
-def run_block(plan: BlockPlan, x: Tensor, conv: ConvFn) -> Tensor:
+def run_block(plan: BlockPlan, x: Tensor, conv_fn: ConvFn = fused_conv_bn_act) -> Tensor:
     """relu(main(x) + shortcut(x)): torchvision's block forward, on the plan's steps."""
     identity = x
     for pool in plan.pools:
         identity = pool_ops.shortcut_pool(pool, identity)
     if plan.shortcut is not None:
-        identity = conv(identity, plan.shortcut, None)
+        s = plan.shortcut
+        identity = conv_fn(identity, s.conv, s.bn, None, s.relu)
     *inner, last = plan.convs
-    for step in inner:
-        x = conv(x, step, None)
-    return conv(x, last, identity)
-
-
-def module_conv(x: Tensor, step: ConvBN, residual: Optional[Tensor]) -> Tensor:
-    """The module-by-module path's conv: resnet_fast's fused conv + BN op."""
-    return fused_conv_bn_act(x, step.conv, step.bn, residual, step.relu)
+    for s in inner:
+        x = conv_fn(x, s.conv, s.bn, None, s.relu)
+    return conv_fn(x, last.conv, last.bn, identity, last.relu)

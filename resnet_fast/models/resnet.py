@@ -178,7 +178,7 @@ class ResNet(FreshCaches):
         if out is not None:
             return out
         stem = fused.stem_plan(self)
-        x = self.relu(self.bn1(self.conv1(x))) if stem is None else fused.run_stem(stem, x, fused.module_conv)
+        x = self.relu(self.bn1(self.conv1(x))) if stem is None else fused.run_stem(stem, x)
         x = pool_ops.max_pool(self.maxpool, x)
 
         x = self.layer1(x)
