@@ -58,6 +58,12 @@ class TwinModels(RuleBasedStateMachine):
     def _both(self):
         return (self.tv, self.fast)
 
+    def _train_batch(self, seed: int) -> torch.Tensor:
+        # 8 images: train-mode BN on a batch of 2 at layer4's 1x1 is too ill-conditioned to compare
+        g = torch.Generator().manual_seed(seed)
+        size = max(self.sizes)
+        return torch.randn(8, 3, size, size, generator=g, dtype=torch.float64).to(self.dtype) + 0.5
+
     # --- the actions -------------------------------------------------------------------
 
     @rule(kind=st.sampled_from(["sgd", "adam", "adam_foreach", "adam_fused"]), lr=st.sampled_from([1e-3, 1e-2]))
@@ -65,11 +71,11 @@ class TwinModels(RuleBasedStateMachine):
         """A training step of each model; the optimizer then applies torchvision's gradients to both (the
         steps must produce the same parameters: what is compared is how the eval path sees them)."""
         self.trained = True
+        batch = self._train_batch(0)
         for model in self._both():
-            training = model.training
             model.train()
-            model(self.x).logsumexp(1).sum().backward()
-            model.train(training)
+            model(batch).logsumexp(1).sum().backward()
+            model.eval()
         for p_fast, p_tv in zip(self.fast.parameters(), self.tv.parameters()):
             p_fast.grad = p_tv.grad.clone()
         for model in self._both():
@@ -85,8 +91,7 @@ class TwinModels(RuleBasedStateMachine):
     @rule(seed=st.integers(0, 3))
     def bn_recalibration(self, seed):
         """Train-mode forwards under no_grad, no optimizer step (BN re-estimation), then eval()."""
-        batch = torch.randn(4, 3, *self.x.shape[2:], generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64).to(self.dtype) + 0.5
+        batch = self._train_batch(seed)
         self.trained = True
         for model in self._both():
             model.train()
@@ -162,10 +167,12 @@ class TwinModels(RuleBasedStateMachine):
             handle.remove()
         self.hooks = []
 
-    @rule(mode=st.booleans())
-    def train_or_eval(self, mode):
+    @rule(times=st.integers(1, 2))
+    def train_eval_toggles(self, times):
         for model in self._both():
-            model.train(mode)
+            for _ in range(times):
+                model.train()
+                model.eval()
 
     @rule(batch=st.sampled_from([2, 3]), size_index=st.integers(0, 2))
     def new_input(self, batch, size_index):
@@ -179,8 +186,6 @@ class TwinModels(RuleBasedStateMachine):
             want = self.tv(self.x)
             got = self.fast(self.x)
         assert got.dtype == want.dtype and got.shape == want.shape
-        # train mode: both forwards above also updated their BN statistics, the same way
-        self.trained |= self.fast.training
         err = max_rel_err(got, want)
         assert err < (TOL_TRAINED if self.trained else TOL)[self.dtype], f"{self.backend}: relative error {err:.2e}"
 
