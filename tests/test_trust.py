@@ -17,13 +17,24 @@ from _numerics import max_rel_err
 from resnet_fast import fold
 from resnet_fast.ops import dispatch
 
+CPU = torch.device("cpu")
 TOL = 1e-4  # fp32; a stale model is off by 1e-2 to 1 in every case below
 
 
-@pytest.fixture(params=["auto", "ext", "torch", "triton"])
+# The models here are on CPU. Triton runs there under the interpreter (minutes per case): the write-path
+# cases (any_backend) run on it here, the others in the Triton run of tests/test_trust_state_machine.py.
+@pytest.fixture(params=["auto", "ext", "torch"])
 def backend(request):
     if request.param != "auto":
-        skip_unless_usable(request.param)
+        skip_unless_usable(request.param, CPU)
+    with resnet_fast.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=["auto", "ext", "torch", "triton"])
+def any_backend(request):
+    if request.param != "auto":
+        skip_unless_usable(request.param, CPU)
     with resnet_fast.use_backend(request.param):
         yield request.param
 
@@ -43,9 +54,9 @@ def _agree(tv: nn.Module, fast: nn.Module, x: torch.Tensor) -> float:
     return max_rel_err(_out(fast, x), _out(tv, x))
 
 
-def test_bn_recalibration_then_eval(backend):
+def test_bn_recalibration_then_eval(any_backend):
     tv, fast = pair("resnet18", num_classes=10)
-    x = _x(backend)
+    x = _x(any_backend)
     before = _out(fast, x)
     for model in (tv, fast):
         model.train()
@@ -82,9 +93,9 @@ def _data_write(model: nn.Module) -> None:
             m.running_var.data.mul_(2.0)
 
 
-def test_data_writes_then_eval(backend):
+def test_data_writes_then_eval(any_backend):
     tv, fast = pair("resnet18", num_classes=10)
-    x = _x(backend)
+    x = _x(any_backend)
     _out(fast, x)
     for model in (tv, fast):
         _data_write(model)
@@ -184,10 +195,10 @@ def test_hooks_on_bypassed_modules_fire_and_count(backend):
     assert _agree(tv, fast, x) < TOL
 
 
-def test_a_dropped_model_is_freed(backend):
+def test_a_dropped_model_is_freed(any_backend):
     """No cache keeps a model alive: the CPU runner keeps no plan, fold entries hold no module."""
     _, fast = pair("resnet18", num_classes=10)
-    x = _x(backend)
+    x = _x(any_backend)
     before = dict(dispatch.CALLS)
     _out(fast, x)
     fast.train()
@@ -202,9 +213,9 @@ def test_a_dropped_model_is_freed(backend):
     assert all(weakref.ref(m)() is not None for m in fold._CACHE.keys())  # (only live keys remain)
 
 
-def test_versions_bump_on_every_resnet_fast_write(backend):
+def test_versions_bump_on_every_resnet_fast_write(any_backend):
     """Every resnet_fast op that writes a tensor bumps its version counter (what the fold cache checks)."""
-    if backend == "auto":
+    if any_backend == "auto":
         pytest.skip("auto routes to ext or torch, both covered")
     bn = nn.BatchNorm2d(4)
     x = torch.randn(3, 4, 5, 5)
