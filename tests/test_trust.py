@@ -227,3 +227,29 @@ def test_versions_bump_on_every_resnet_fast_write(any_backend):
         now = [t._version for t in (bn.running_mean, bn.running_var)]
         assert all(b > a for a, b in zip(seen, now)), (seen, now)
         seen = now
+
+
+def _imports(module: str) -> set[str]:
+    """The resnet_fast modules `module` imports anywhere in its source (lazy imports included)."""
+    import ast
+    import importlib.util
+    path = importlib.util.find_spec(module).origin
+    package = module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            found.update({base} | {f"{base}.{alias.name}" for alias in node.names})
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("low,high", [("resnet_fast.backend", "resnet_fast.ops.dispatch"),
+                                      ("resnet_fast.models.cpu_runner", "resnet_fast.models.resnet")])
+def test_no_import_circle(low, high):
+    """The lower module does not import the higher one (which imports it), not even lazily."""
+    assert low in _imports(high) and high not in _imports(low)
