@@ -144,13 +144,15 @@ def test_conv_padding_mode_set_after_construction(backend, where):
 
 
 def test_conv_arguments_changed_after_a_forward(backend):
-    """stride/padding/dilation are read on every call (the CPU runner keeps no plan)."""
+    """stride/padding/dilation and a bias added later are read on every call (the CPU runner keeps no plan)."""
     tv, fast = pair("resnet18", num_classes=10)
     x = _x(backend)
     _out(fast, x)
+    bias = torch.randn(128, generator=torch.Generator().manual_seed(2))
     for model in (tv, fast):
         model.layer3[1].conv1.padding, model.layer3[1].conv1.dilation = (2, 2), (2, 2)
         model.conv1.stride = (1, 1)
+        model.layer2[1].conv2.bias = nn.Parameter(bias.clone())
     assert _agree(tv, fast, x) < TOL
 
 
