@@ -54,8 +54,3 @@ class use_backend:
         _state.name = self._previous
         return False
 
-
-def availability() -> dict[str, tuple[bool, str]]:
-    """{backend: (whether it can run here, why)} for "triton", "ext" and "torch"."""
-    from .ops import dispatch
-    return dispatch.availability()

@@ -3,9 +3,11 @@ keys, whose blocks run through resnet_fast's fused ops.
 
 Parameters are laid out exactly as in torchvision.models.resnet: a checkpoint
 saved from one loads into the other with strict=True. Only the forward
-differs: each conv+BN(+add)(+ReLU) is one call to `conv_bn_act`, which folds
-BN into the conv in eval() and uses the fused BN(+add)+ReLU training ops in
-train().
+differs: each conv+BN(+add)(+ReLU) is one fused step (models/fused.py), which
+folds BN into the conv in eval() and uses the fused BN(+add)+ReLU training ops
+in train(). A stem or block with a module the fused steps do not recognise
+(another activation, a conv padding mode, a hook, an instance forward) runs
+torchvision's forward, module by module.
 
 The ResNet-D variants (resnet18d..resnet152d, "Bag of Tricks", He et al. 2019)
 use timm's layout: a deep stem `conv1 = Sequential(conv, bn, relu, conv, bn,
@@ -19,145 +21,20 @@ follows load_state_dict (no folded copy left stale) and needs no resnet_fast
 op to load. torch.compile and torch.export trace the fused path, which folds
 BN from the parameters on every call (ops/conv_bn.py).
 """
-# No `from __future__ import annotations` here: TorchScript reads the annotations of _recorded as objects.
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
+from .. import fold
 from ..ops import pool as pool_ops
-from ..ops.conv_bn import conv_bn_act
-from . import cpu_runner
+from . import cpu_runner, fused
+from .blocks import BasicBlock, Bottleneck, FreshCaches, _recorded, conv1x1
 from .checks import check_input
 from .weights import check_state_dict, load_weights
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding"""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-                     groups=groups, bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution"""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-@torch.jit.ignore  # TorchScript takes torchvision's forward through torch.jit.is_scripting()
-def _recorded(x: Tensor) -> bool:
-    """Whether torch.fx symbolic tracing or torch.jit.trace is recording this forward."""
-    return isinstance(x, fx.Proxy) or torch.jit.is_tracing()
-
-
-def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
-    """The identity branch: x itself, or the (pool +) conv + BN projection."""
-    if downsample is None:
-        return x
-    if isinstance(downsample, nn.Sequential) and isinstance(downsample[-2], nn.Conv2d):
-        *pool, conv, bn = downsample
-        for p in pool:
-            x = pool_ops.shortcut_pool(p, x)
-        return conv_bn_act(x, conv, bn, relu=False)
-    return downsample(x)
-
-
-class _Block(nn.Module):
-    def _add_identity_relu(self, out: Tensor, x: Tensor) -> Tensor:
-        # The tail of torchvision's block forwards (for torch.fx and TorchScript).
-        identity = x
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
-class BasicBlock(_Block):
-    expansion: int = 1
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: Optional[nn.Module] = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting() or _recorded(x):
-            return self._torchvision_forward(x)
-        identity = _shortcut(self.downsample, x)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True)
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, relu=True)
-
-    def _torchvision_forward(self, x: Tensor) -> Tensor:
-        # torchvision's BasicBlock.forward, op for op: the same graph and node names.
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self._add_identity_relu(self.bn2(self.conv2(out)), x)
-
-
-class Bottleneck(_Block):
-    # The stride for downsampling is at the 3x3 convolution (ResNet V1.5), as in torchvision.
-    expansion: int = 4
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: Optional[nn.Module] = None,
-        groups: int = 1,
-        base_width: int = 64,
-        dilation: int = 1,
-        norm_layer: Optional[Callable[..., nn.Module]] = None,
-    ) -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting() or _recorded(x):
-            return self._torchvision_forward(x)
-        identity = _shortcut(self.downsample, x)
-        out = conv_bn_act(x, self.conv1, self.bn1, relu=True)
-        out = conv_bn_act(out, self.conv2, self.bn2, relu=True)
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, relu=True)
-
-    def _torchvision_forward(self, x: Tensor) -> Tensor:
-        # torchvision's Bottleneck.forward, op for op: the same graph and node names.
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        return self._add_identity_relu(self.bn3(self.conv3(out)), x)
-
-
-class ResNet(nn.Module):
+class ResNet(FreshCaches):
     """torchvision.models.ResNet, plus:
 
     in_channels: input image channels (3 for RGB).
@@ -291,14 +168,6 @@ class ResNet(nn.Module):
 
         return nn.Sequential(*layers)
 
-    def _stem(self, x: Tensor) -> Tensor:
-        if isinstance(self.conv1, nn.Sequential):
-            c0, b0, _, c1, b1, _, c2 = self.conv1
-            x = conv_bn_act(x, c0, b0, relu=True)
-            x = conv_bn_act(x, c1, b1, relu=True)
-            return conv_bn_act(x, c2, self.bn1, relu=True)
-        return conv_bn_act(x, self.conv1, self.bn1, relu=True)
-
     def _forward_impl(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting() or _recorded(x):
             return self._torchvision_forward(x)
@@ -308,7 +177,8 @@ class ResNet(nn.Module):
         out = cpu_runner.forward(self, x)
         if out is not None:
             return out
-        x = self._stem(x)
+        stem = fused.stem_plan(self)
+        x = self.relu(self.bn1(self.conv1(x))) if stem is None else fused.run_stem(stem, x)
         x = pool_ops.max_pool(self.maxpool, x)
 
         x = self.layer1(x)
@@ -342,7 +212,9 @@ class ResNet(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if strict:
             check_state_dict(self, state_dict)  # one clear error listing every mismatch
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        fold.invalidate_caches(self)
+        return result
 
 
 def _resnet(

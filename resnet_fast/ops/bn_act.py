@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import fold
 from ..backend import get_backend
 from . import dispatch, reference
 from ._op_meta import acc_dtype
@@ -76,7 +77,8 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
         x, residual = x.to(dtype), residual.to(dtype)
     momentum, batch_stats, running_mean, running_var = _forward_state(bn)
     if not batch_stats:
-        scale, shift = _eval_scale_shift(bn, acc_dtype(x.dtype))
+        acc = acc_dtype(x.dtype)
+        scale, shift = (t.to(acc) for t in fold.bn_scale_shift(bn))
         return dispatch.op(impl, "scale_bias_act")(x, scale, shift, residual, relu)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count <= 1:
@@ -87,13 +89,3 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
             dispatch.op(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
     return out
 
-
-def _eval_scale_shift(bn: _BatchNorm, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    # Differentiable in weight and bias (frozen-statistics fine-tuning).
-    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = -bn.running_mean.to(acc) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    return scale, shift

@@ -6,7 +6,7 @@ after torch's conv, or plain torch). With autograd on, or under torch.compile, t
 call so gradients and traces follow the parameters.
 train() BN (batch statistics): torch's conv, then the fused bn_act op (BN + add + ReLU forward and
 backward; resnet_fast.ops.bn_act).
-Anything else (another norm layer, a custom conv) runs module by module.
+Anything else (another norm layer, a custom conv, a hooked module) runs module by module.
 
 Activations are kept in channels_last from the stem on: no hidden layout copies.
 """
@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import dispatch, ext, onednn, reference
 from .bn_act import bn_act
+from .skip import skippable
 
 _CL = torch.channels_last
 
@@ -31,8 +32,17 @@ _EVAL = {"ext": ext.conv_bn_eval, "onednn": onednn.conv_bn_eval, "torch": refere
 
 def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module,
                 residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    """relu?(bn(conv(x)) + residual?), through the fastest path for bn's mode."""
-    if is_plain_conv(conv) and has_running_stats(bn):
+    """relu?(bn(conv(x)) + residual?), through the fastest path for bn's mode; a conv or bn the fused
+    ops do not recognise (is_plain_conv, is_batch_norm) runs as modules."""
+    if is_plain_conv(conv) and is_batch_norm(bn):
+        return fused_conv_bn_act(x, conv, bn, residual, relu)
+    return _as_modules(x, conv, bn, residual, relu)
+
+
+def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module,
+                      residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """conv_bn_act for a conv and bn its caller has checked (is_plain_conv, is_batch_norm)."""
+    if has_running_stats(bn):
         dtype = _compute_dtype(x)
         x = x.to(dtype).contiguous(memory_format=_CL)
         if residual is not None:
@@ -43,8 +53,12 @@ def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module,
             run = _triton_eval() if impl == "triton" else reference.conv_bn_eval
             return run(x, conv, bn, residual, relu, differentiable=True)
         return (_EVAL.get(impl) or _triton_eval())(x, conv, bn, residual, relu)
-    if isinstance(bn, nn.BatchNorm2d) and (relu or residual is not None):
+    if type(bn) is nn.BatchNorm2d and (relu or residual is not None):
         return bn_act(conv(x), bn, residual=residual, relu=relu)
+    return _as_modules(x, conv, bn, residual, relu)
+
+
+def _as_modules(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
     dispatch.CALLS[("conv_bn_act", "modules")] += 1
     out = bn(conv(x))
     if residual is not None:
@@ -60,12 +74,23 @@ def _triton_eval():
 
 
 def is_plain_conv(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros"
+    """An nn.Conv2d that the fused ops compute exactly: zero padding given as numbers (stride, dilation,
+    groups and bias are read on every call), no hook, no forward of its own."""
+    return (skippable(conv, (nn.Conv2d,)) and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str))
 
 
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def is_batch_norm(bn: nn.Module) -> bool:
+    """torch's BatchNorm2d or SyncBatchNorm, or torchvision's FrozenBatchNorm2d (by name: timm's copy
+    computes the same), with no hook and no forward of its own."""
+    return skippable(bn, _BATCH_NORMS) or (type(bn).__name__ == "FrozenBatchNorm2d" and skippable(bn, (type(bn),)))
+
+
 def has_running_stats(bn: nn.Module) -> bool:
-    # nn.BatchNorm2d / SyncBatchNorm in eval, or torchvision's FrozenBatchNorm2d.
+    """A BatchNorm module (is_batch_norm) that normalizes with its running statistics: foldable."""
     if isinstance(bn, _BatchNorm):
         return not bn.training and bn.running_mean is not None
     return type(bn).__name__ == "FrozenBatchNorm2d"

@@ -104,6 +104,7 @@ def torch_status() -> tuple[bool, str]:
 
 
 def availability() -> dict[str, tuple[bool, str]]:
+    """{backend: (whether it can run here, why)} for "triton", "ext" and "torch"."""
     return {"triton": triton_status(), "ext": ext_status(), "torch": torch_status()}
 
 

@@ -36,15 +36,16 @@ def _packed(conv: nn.Conv2d, bn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     whenever its kernel for the real shape wants another layout: 104 ms instead of 2.2 ms for a
     512->512 3x3 conv at batch 1, 7x7 (benchmarks/cpu_micro.py on a 2-core AVX2 EPYC, torch 2.14.1)."""
     packs = fold.cached(conv, bn, ("onednn", x.dtype), lambda: _Packs(fold.fold_conv_bn(conv, bn)[1].to(x.dtype)))
-    shape = tuple(x.shape)
+    # The layout depends on the conv's arguments too, which may be changed between calls.
+    shape = (tuple(x.shape), conv.padding, conv.stride, conv.dilation, conv.groups)
     weight = packs.by_shape.get(shape)
     if weight is not None:
         packs.by_shape.move_to_end(shape)
         return weight, packs.bias
-    with torch.no_grad():  # the fold cache entry keys the source versions: a new one starts empty
+    with torch.no_grad():  # the fold cache entry checks the sources: a new one starts empty
         w = fold.fold_conv_bn(conv, bn)[0].to(x.dtype)
         weight = torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
     packs.by_shape[shape] = weight
     if len(packs.by_shape) > SHAPES_PER_CONV:
         packs.by_shape.popitem(last=False)

@@ -7,12 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .skip import skippable
 
 
 def _is(module: nn.Module, cls: type, **attrs) -> bool:
+    """module is a `cls` with these attributes that a kernel may run in its place."""
     def same(value, want):
         return value == want or (isinstance(value, tuple) and all(v == want for v in value))
-    return type(module) is cls and all(same(getattr(module, k), v) for k, v in attrs.items())
+    return skippable(module, (cls,)) and all(same(getattr(module, k), v) for k, v in attrs.items())
 
 
 def _on_triton(op: str, x: Tensor) -> bool:
@@ -52,7 +54,8 @@ def shortcut_pool(pool: nn.Module, x: Tensor) -> Tensor:
 
 
 def avgpool_fc(avgpool: nn.Module, fc: nn.Module, x: Tensor) -> Tensor:
-    if (type(avgpool) is nn.AdaptiveAvgPool2d and avgpool.output_size in ((1, 1), 1) and type(fc) is nn.Linear
+    if (skippable(avgpool, (nn.AdaptiveAvgPool2d,)) and avgpool.output_size in ((1, 1), 1)
+            and skippable(fc, (nn.Linear,))
             and not torch.is_autocast_enabled(x.device.type) and fc.weight.dtype == x.dtype
             and _on_triton("avgpool_fc", x)):
         from .triton import pool as triton_pool

@@ -44,6 +44,13 @@ def conv_bn_eval(x: Tensor, conv: nn.Conv2d, bn: nn.Module, residual: Optional[T
 def bn_act(x: Tensor, bn: nn.Module, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """act(bn(x) + residual): the module itself, so every BatchNorm semantic is torch's."""
     y = bn(x)
+    stats = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if bn.training and stats[0] is not None and y.grad_fn is None:
+        # torch's batch_norm updates the running statistics without bumping their version counters
+        # (torch 2.14: only the first update shows): bump them, as every resnet_fast write does. Not when
+        # autograd recorded the op: it saved them and checks their versions in backward. Then the fold
+        # cache sees the update through num_batches_tracked, which torch's BatchNorm bumps every time.
+        torch.autograd.graph.increment_version([t for t in stats if t is not None])
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
