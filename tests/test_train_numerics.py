@@ -106,3 +106,13 @@ def test_one_sgd_step_within_2x_of_eager(dtype_name, isa):
         ours, eager, ref = (torch.tensor(got[k][i], dtype=torch.float64) for k in ("ours", "eager", "ref"))
         verdict = within_2x(ours, eager, ref, dtype, norm="l2" if what.startswith("param") else "max")
         assert verdict.ok, f"{dtype_name} {isa} {what}: {verdict.why}"
+
+
+def test_forcing_an_unknown_isa_is_a_clear_error():
+    if not _ext_loaded():
+        pytest.skip("resnet_fast._C is not built")
+    code = ("import torch, resnet_fast.ops.ext; "
+            "torch.ops.resnet_fast.add_relu(torch.ones(8), torch.ones(8))")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RESNET_FAST_CPU_ISA": "sse9"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "RESNET_FAST_CPU_ISA must be auto, avx2 or avx512, got 'sse9'" in run.stderr
