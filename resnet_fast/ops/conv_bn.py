@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..backend import get_backend
 from . import dispatch, ext, onednn, reference
 from .bn_act import bn_act
 
@@ -55,8 +56,9 @@ def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module,
 
 def _train_layout(x: Tensor) -> Tensor:
     """CPU: channels_last. oneDNN's NCHW training step is slower (conv backward, and aten's NCHW
-    max-pool ~13x its channels_last one: torch.profiler, resnet18 batch 8); the first conv converts once."""
-    if x.device.type == "cpu" and x.dim() == 4:
+    max-pool ~13x its channels_last one: torch.profiler, resnet18 batch 8); the first conv converts once.
+    The "torch" backend keeps the caller's layout: it is the reference, op for op torchvision's."""
+    if x.device.type == "cpu" and x.dim() == 4 and get_backend() != "torch":
         return x.contiguous(memory_format=_CL)
     return x
 
