@@ -68,7 +68,8 @@ int64_t first_of_channel(const ChannelView& v, int64_t c) {
 
 }  // namespace
 
-void CpuKernels::bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const at::Tensor& residual, double eps, bool relu,
                             const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
   const auto view = channel_view(x, kernel_format(out));
@@ -105,7 +106,8 @@ void CpuKernels::bn_forward(const at::Tensor& x, const at::Tensor& weight, const
   scale_bias_act(x, scale, shift, residual, relu, out);
 }
 
-void CpuKernels::bn_backward(const at::Tensor& grad_out, const at::Tensor& x,
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, const at::Tensor& x,
                              const at::Tensor& out, const at::Tensor& weight,
                              const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
                              const at::Tensor& grad_x, const at::Tensor& grad_weight,
@@ -185,6 +187,7 @@ void CpuKernels::bn_backward(const at::Tensor& grad_out, const at::Tensor& x,
   });
 }
 
+#ifndef RESNET_FAST_CPU_VARIANT_TU  // scalar: compiled once, not per ISA (avx512.cpp)
 void CpuKernels::update_running_stats(const at::Tensor& running_mean,
                                       const at::Tensor& running_var, const at::Tensor& mean,
                                       const at::Tensor& var, double momentum, int64_t count) {
@@ -205,5 +208,7 @@ void CpuKernels::update_running_stats(const at::Tensor& running_mean,
     });
   });
 }
+
+#endif  // RESNET_FAST_CPU_VARIANT_TU
 
 }  // namespace resnet_fast

@@ -18,7 +18,8 @@ void for_each_chunk(int64_t n, const F& f) {
 
 }  // namespace
 
-void CpuKernels::add_relu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out) {
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::add_relu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_relu_cpu", [&] {
     using S = Step<scalar_t>;
     using acc_t = typename S::acc_t;
@@ -40,7 +41,8 @@ void CpuKernels::add_relu(const at::Tensor& x, const at::Tensor& residual, const
   });
 }
 
-void CpuKernels::relu_grad(const at::Tensor& grad_out, const at::Tensor& out,
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::relu_grad(const at::Tensor& grad_out, const at::Tensor& out,
                            const at::Tensor& grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "relu_grad_cpu", [&] {
     using S = Step<scalar_t>;
@@ -64,7 +66,8 @@ void CpuKernels::relu_grad(const at::Tensor& grad_out, const at::Tensor& out,
 }
 
 // out = act(x * scale[c] + shift[c] (+ residual)); also the normalize pass of bn_forward.
-void CpuKernels::scale_bias_act(const at::Tensor& x, const at::Tensor& scale,
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::scale_bias_act(const at::Tensor& x, const at::Tensor& scale,
                                 const at::Tensor& shift, const at::Tensor& residual, bool relu,
                                 const at::Tensor& out) {
   const auto view = channel_view(x, kernel_format(out));

@@ -7,6 +7,51 @@
 
 namespace resnet_fast {
 
+namespace cpu {
+// The instruction sets the kernels are compiled for: the build's flags (AVX2 on x86-64), and AVX-512
+// (F/BW/VL/DQ, x86-64 only: cpu/avx512.cpp). isa.cpp picks one per process (cpuid, RESNET_FAST_CPU_ISA).
+enum class Isa { kBaseline, kAvx512 };
+}  // namespace cpu
+
+#ifndef RESNET_FAST_CPU_ISA
+#define RESNET_FAST_CPU_ISA ::resnet_fast::cpu::Isa::kBaseline
+#endif
+
+// The kernels of one ISA; the members of IsaKernels<I> are defined in the translation units built for I.
+template <cpu::Isa I>
+struct IsaKernels {
+  static void add_relu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out);
+  static void relu_grad(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& grad);
+  static void scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                             const at::Tensor& residual, bool relu, const at::Tensor& out);
+  static void bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& residual, double eps, bool relu, const at::Tensor& out,
+                         const at::Tensor& mean, const at::Tensor& var);
+  static void bn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+                          const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
+                          double eps, bool relu, const at::Tensor& grad_x,
+                          const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                          const at::Tensor& grad_residual);
+};
+
+// Each ISA's members are explicit specializations, declared here for every file that calls them.
+#define RESNET_FAST_DECLARE_ISA_KERNELS(I)                                                               \
+  template <> void IsaKernels<I>::add_relu(const at::Tensor&, const at::Tensor&, const at::Tensor&);     \
+  template <> void IsaKernels<I>::relu_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&);    \
+  template <> void IsaKernels<I>::scale_bias_act(const at::Tensor&, const at::Tensor&, const at::Tensor&, \
+                                                 const at::Tensor&, bool, const at::Tensor&);            \
+  template <> void IsaKernels<I>::bn_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
+                                             const at::Tensor&, double, bool, const at::Tensor&,         \
+                                             const at::Tensor&, const at::Tensor&);                      \
+  template <> void IsaKernels<I>::bn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,    \
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
+                                              double, bool, const at::Tensor&, const at::Tensor&,        \
+                                              const at::Tensor&, const at::Tensor&);
+RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kBaseline)
+RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kAvx512)
+#undef RESNET_FAST_DECLARE_ISA_KERNELS
+
+// What the ops call (ops_impl.h): each member forwards to IsaKernels of the process's ISA (isa.cpp).
 struct CpuKernels {
   struct Guard {
     explicit Guard(const c10::Device&) {}

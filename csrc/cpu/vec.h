@@ -16,6 +16,9 @@
 #include "../ops_impl.h"
 
 namespace resnet_fast::cpu {
+// One copy per instruction set (CPU_CAPABILITY: AVX2, AVX512, ...), as at::vec does: the same
+// template compiled for two ISAs must not be one linker symbol.
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -259,4 +262,5 @@ void dispatch_bool(bool b, const F& f) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace resnet_fast::cpu

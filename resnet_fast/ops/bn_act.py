@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import fold
 from ..backend import get_backend
-from . import dispatch, reference
+from . import bn_act_train, dispatch, reference
 from ._op_meta import acc_dtype
 from .add_relu import add_relu
 from .scale_bias_act import scale_bias_act
@@ -83,7 +83,7 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    out, mean, var = dispatch.op(impl, "bn_act_fwd")(x, bn.weight, bn.bias, residual, bn.eps, relu)
+    out, mean, var = bn_act_train.bn_act_fwd(impl, x, bn.weight, bn.bias, residual, bn.eps, relu)
     if running_mean is not None:
         with torch.no_grad():
             dispatch.op(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)

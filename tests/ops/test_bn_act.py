@@ -264,7 +264,9 @@ def test_bn_act_composition_gradients(backend, monkeypatch):
     for b in (ref["b0"], ref["b1"]):
         hr = bn_relu(b.conv2(bn_relu(b.conv1(hr), b.bn1)), b.bn2, residual=hr)
     hr.backward(grad.double())
-    torch.testing.assert_close(y.double(), hr, rtol=0, atol=1e-5)
+    # fp32 rounding relative to the output's size (as resnet_fast.numerics' floor): the convs run in
+    # channels_last on CPU, whose oneDNN rounding alone reaches ~1e-5 on outputs of size ~3.
+    torch.testing.assert_close(y.double(), hr, rtol=0, atol=1e-5 * max(1.0, hr.abs().max().item()))
     for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
         err = (p.grad.double() - p_ref.grad).abs().max() / p_ref.grad.abs().max()
         assert err < 1e-5, f"{name}: relative gradient error {err:.1e}"
