@@ -372,17 +372,3 @@ def test_eval_on_each_backend_matches_torch_and_torchvision(arch, backend):
         assert LAUNCHES["max_pool_3x3s2"] == 1 and LAUNCHES["global_avg_pool"] == 1
         assert LAUNCHES["avg_pool_2x2_ceil"] == (3 if arch.endswith("d") else 0)  # layers 2-4 shortcuts
     assert max_rel_err(got, ref) < tol
-
-
-def test_conv_weights_are_channels_last_and_round_trip():
-    # Conv weights live in the activations' layout (no weight reorder in each training step); this changes no
-    # key or value: checkpoints still load both ways and torchvision's contiguous tensors load into them.
-    tv = torchvision.models.resnet18()
-    for fast in (resnet_fast.resnet18(), resnet_fast.from_torchvision(tv), resnet_fast.resnet50d().double()):
-        convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
-        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
-    fast = resnet_fast.from_torchvision(tv)
-    back = torchvision.models.resnet18()
-    back.load_state_dict(fast.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tv.state_dict().values()))
-    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -118,11 +118,6 @@ class ResNet(FreshCaches):
                 elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)  # type: ignore[arg-type]
 
-        # Conv weights in channels_last, the activations' layout from the stem on: oneDNN and cuDNN then run
-        # the training convs and their weight gradients without reordering the weights on every step (CPU,
-        # resnet18 batch 8, 160 px, fp32: 198 -> 168 ms a step). Keys and values of the state_dict are unchanged.
-        self.to(memory_format=torch.channels_last)
-
     def _make_layer(
         self,
         block: type[Union[BasicBlock, Bottleneck]],
