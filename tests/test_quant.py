@@ -171,6 +171,22 @@ def test_load_state_dict_and_inplace_edits_repack():
         assert kernels.CALLS["prepack"] == packs  # unchanged buffers: the prepacked weights are reused
 
 
+def test_data_writes_are_seen_at_eval_and_replaced_buffers_at_once():
+    x = batches(1, seed=5)[0]
+    q1 = resnet_fast.quantize(small_model(seed=0), batches())
+    q2 = resnet_fast.quantize(small_model(seed=1), batches())
+    with torch.no_grad():
+        y1, y2 = q1(x), q2(x)
+        q1.stem[0].weight.data.copy_(q2.stem[0].weight)  # `.data`: a version counter of its own
+        q1.eval()
+        assert not torch.equal(q1(x), y1)
+        q1.load_state_dict(q2.state_dict())
+        q1.stem[0].weight = q2.stem[0].weight.clone()  # a new buffer object, same values
+        assert torch.equal(q1(x), y2)
+        q1.stem[0].weight = -q2.stem[0].weight  # a new buffer object, other values: not the cached plan
+        assert not torch.equal(q1(x), y2)
+
+
 def test_plan_cache_does_not_keep_the_model_alive():
     from resnet_fast.quant import qmodule
     q = resnet_fast.quantize(small_model(), batches(1))

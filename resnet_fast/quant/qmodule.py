@@ -6,9 +6,10 @@ torch.load(weights_only=True) and rebuilds with load_quantized() without the fp3
 Nothing in it is CPU-specific but the kernels (kernels.py): a GPU backend can run the same state.
 
 The oneDNN arguments (Python scalars, weights prepacked per input shape) are derived from those buffers
-and cached per model under the fp32 fold cache's rule: keyed by the identity, storage and version counter
-of every buffer, so load_state_dict, an in-place edit or a replaced buffer rebuilds them on the next
-forward; the cache is weak (it dies with the model and never pins it).
+and cached per model under the fp32 fold cache's rule: checked against the identity (weak reference),
+storage and version counter of every buffer, so load_state_dict, an in-place edit or a replaced buffer
+rebuilds them on the next forward, and dropped on eval() (a `.data` write has a version counter of its own);
+the cache is weak (it dies with the model and never pins it).
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ class QuantizedResNet(nn.Module):
     def train(self, mode: bool = True) -> "QuantizedResNet":
         if mode:
             raise RuntimeError("QuantizedResNet is inference-only: train the fp32 model and quantize it again")
+        _PLANS.pop(self, None)  # eval() is where a `.data` write (unseen by version counters) is picked up
         return super().train(False)
 
     def extra_repr(self) -> str:
@@ -177,24 +179,35 @@ class QuantizedResNet(nn.Module):
 
     # The plan: oneDNN arguments derived from the buffers, cached per buffer version (see the module docstring).
 
-    def _key(self, modules) -> Optional[tuple]:
+    @staticmethod
+    def _buffers_of(modules) -> tuple:
+        return tuple(t for m in modules for t in m._buffers.values())
+
+    @staticmethod
+    def _state(modules, buffers) -> Optional[tuple]:
         try:
-            return tuple((id(t), t.data_ptr(), t._version) for m in modules for t in m._buffers.values()) \
-                + tuple(id(c) for m in modules for c in m._modules.values())
+            return tuple((t.data_ptr(), t._version) for t in buffers) \
+                + tuple(id(c) for m in modules for c in m._modules.values())  # modules: held by the entry
         except RuntimeError:  # inference tensors carry no version counter: nothing is cached
             return None
 
     def _plan(self) -> _Plan:
         cached = _PLANS.get(self)
         if cached is not None:
-            key = self._key((self, *cached[2]))
-            if key is not None and cached[0] == key:
-                return cached[1]
+            refs, state, plan, submodules = cached
+            modules = (self, *submodules)
+            buffers = self._buffers_of(modules)
+            # Buffers by weak reference (a replaced buffer never matches a freed one's reused address).
+            if (len(refs) == len(buffers) and all(r() is t for r, t in zip(refs, buffers))
+                    and self._state(modules, buffers) == state):
+                return plan
         submodules = tuple(self.modules())[1:]  # the cache holds these, never self (it is keyed weakly by self)
-        key = self._key((self, *submodules))
+        modules = (self, *submodules)
+        buffers = self._buffers_of(modules)
+        state = self._state(modules, buffers)
         plan = self._build_plan()
-        if key is not None:
-            _PLANS[self] = (key, plan, submodules)
+        if state is not None:
+            _PLANS[self] = (tuple(weakref.ref(t) for t in buffers), state, plan, submodules)
         return plan
 
     def _build_plan(self) -> _Plan:
