@@ -140,7 +140,7 @@ def compiler_version() -> str:
 
 def built_with(torch, cxx_flags: list[str]) -> dict[str, str]:
     """What `resnet-fast info` reports about every build: torch, compiler, CPU ISA flags."""
-    isa = [f for f in cxx_flags if f.startswith(("-m", "-DCPU_CAPABILITY"))]
+    isa = [f for f in cxx_flags if f.startswith(("-m", "-DCPU_CAPABILITY")) or f == "-fopenmp"]
     return {"torch": torch.__version__, "compiler": compiler_version(), "cpu_flags": " ".join(isa) or "none"}
 
 
@@ -151,6 +151,15 @@ def cpu_simd_flags() -> list[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def openmp_flags(torch) -> list[str]:
+    """-fopenmp where torch's own CPU ops run on OpenMP (its Linux builds). at::parallel_for is inline
+    in ATen's headers: a file compiled without OpenMP runs every parallel_for on one thread. Linking
+    with -fopenmp names libgomp.so.1, the library torch has already loaded."""
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
 
 
 def extension_setup() -> dict:
@@ -170,14 +179,15 @@ def extension_setup() -> dict:
 
     include_dirs = [str(ROOT / "csrc"), str(GENERATED)]
     # -g0: Python's CFLAGS carry -g, which only slows the build and bloats the library.
-    cxx_flags = ["-O3", "-g0", "-Wno-unknown-pragmas", *cpu_simd_flags()]
+    openmp = openmp_flags(torch)
+    cxx_flags = ["-O3", "-g0", "-Wno-unknown-pragmas", *openmp, *cpu_simd_flags()]
     cpu_label = "avx2" if cpu_simd_flags() else "baseline"
     if home is None:
         say(f"building CPU kernels only: {why}")
         write_build_info({"cuda": "none", "why": why, "cpu": cpu_label, **built_with(torch, cxx_flags)})
         ext = cpp_extension.CppExtension(
             "resnet_fast._C", CPU_SOURCES, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags})
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     else:
         cpp_extension.CUDA_HOME = str(home)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -186,7 +196,7 @@ def extension_setup() -> dict:
                           "why": why, "cpu": cpu_label, **built_with(torch, cxx_flags)})
         ext = cpp_extension.CUDAExtension(
             "resnet_fast._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=openmp)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 

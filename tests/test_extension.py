@@ -42,6 +42,20 @@ def test_info_names_how_C_was_built():
     assert f"{'_C build':>12}: {summary}" in dispatch.explain()
 
 
+@pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's CPU ops do not run on OpenMP here")
+def test_cpu_kernels_run_on_torchs_threads():
+    # at::parallel_for is inline in ATen's headers: a _C compiled without -fopenmp runs it on one thread
+    # (every CPU kernel did, up to 2026-12-03), whatever torch.set_num_threads says.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.resnet_fast._cpu_parallel_threads(64) == 2
+        assert "-fopenmp" in ext.build_info()["cpu_flags"]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_arch_compatibility_rule():
     assert ext._arch_runs("8.0", (8, 6)) and not ext._arch_runs("8.0", (9, 0))
     assert ext._arch_runs("9.0+PTX", (10, 0)) and not ext._arch_runs("9.0+PTX", (8, 0))

@@ -1,11 +1,15 @@
 // Which instruction set the CPU kernels run with: AVX-512 where the CPU has F/BW/VL/DQ (cpuid, once
 // per process), else the build's baseline (AVX2 on x86-64). RESNET_FAST_CPU_ISA=avx2|avx512 forces
 // one (tests, comparisons); forcing AVX-512 on a CPU without it is an error, not a crash.
-// Every kernel call is counted per ISA, so tests can prove which variant ran.
+// Every kernel call is counted per ISA, so tests can prove which variant ran; _cpu_parallel_threads
+// proves the kernels' at::parallel_for really runs on torch's threads (it needs OpenMP at compile time).
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <array>
 #include <atomic>
+#include <mutex>
+#include <set>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -70,6 +74,17 @@ std::string cpu_isa() {
 // Kernel calls so far per ISA, as {baseline, avx512}.
 std::vector<int64_t> cpu_isa_calls() { return {g_calls[0].load(), g_calls[1].load()}; }
 
+// How many threads at::parallel_for, compiled as the kernels are, runs `tasks` one-element tasks on.
+int64_t cpu_parallel_threads(int64_t tasks) {
+  std::mutex mutex;
+  std::set<int> seen;
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 }  // namespace
 
 void CpuKernels::add_relu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out) {
@@ -103,6 +118,7 @@ void CpuKernels::bn_backward(const at::Tensor& grad_out, const at::Tensor& x, co
 TORCH_LIBRARY_FRAGMENT(resnet_fast, m) {
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_isa_calls() -> int[]", &cpu_isa_calls);
+  m.def("_cpu_parallel_threads(int tasks) -> int", &cpu_parallel_threads);
 }
 
 }  // namespace resnet_fast

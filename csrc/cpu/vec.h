@@ -151,21 +151,62 @@ void for_each_run(const ChannelView& v, const F& body) {
   }
 }
 
+// Steps of channels one channels_last reduction tile sums at once: its two sums and center per Step
+// stay in registers (32 vector registers with AVX-512, 16 with AVX2).
+template <typename scalar_t>
+inline constexpr int kSumGroup = [] {
+  using S = Step<scalar_t>;
+  constexpr int regs = sizeof(typename S::AVec) == 64 ? 32 : 16;
+  int g = 1;
+  while (2 * g * 3 * S::kParts <= regs / 2) g *= 2;
+  return g;
+}();
+
+// Sums terms over rows [r0, r1) of G Steps of channels from channel j0 into o1[j0..], o2[j0..].
+template <typename scalar_t, int G, class Terms>
+inline void sum_tile(const Terms& terms, int64_t C, int64_t r0, int64_t r1, int64_t j0,
+                     const at::opmath_type<scalar_t>* center, at::opmath_type<scalar_t>* o1,
+                     at::opmath_type<scalar_t>* o2) {
+  using S = Step<scalar_t>;
+  S ctr[G], a1[G], a2[G];
+  for (int g = 0; g < G; ++g) {
+    ctr[g] = S::load_acc(center + j0 + g * S::kSize);
+    a1[g] = S::broadcast(0);
+    a2[g] = S::broadcast(0);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t off = r * C + j0;
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      S q1, q2;
+      terms.vec(off + g * S::kSize, ctr[g], q1, q2);
+      for (int k = 0; k < S::kParts; ++k) {
+        a1[g].v[k] = a1[g].v[k] + q1.v[k];
+        a2[g].v[k] = a2[g].v[k] + q2.v[k];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    a1[g].store_acc(o1 + j0 + g * S::kSize);
+    a2[g].store_acc(o2 + j0 + g * S::kSize);
+  }
+}
+
 // Per-channel sums s1[c] = sum q1, s2[c] = sum q2 over all N*H*W positions, where
 // terms.vec / terms.scalar produce (q1, q2) from an element and its channel's
-// `center`. Two levels: fp32 (acc_t) partials over chunks of at most kChunk
-// values per channel, merged in fp64.
+// `center`. Two levels: fp32 (acc_t) partials over at most 4096 values per channel
+// (NCHW: chunks of a plane; channels_last: tiles of 256 rows), merged in fp64.
 template <typename scalar_t, class Terms>
 void channel_sums(const ChannelView& v, const Terms& terms,
                   const at::opmath_type<scalar_t>* center, double* s1, double* s2) {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
-  constexpr int64_t kChunk = 4096;
   const int64_t C = v.channels;
   std::fill(s1, s1 + C, 0.0);
   std::fill(s2, s2 + C, 0.0);
 
   if (!v.channels_last) {
+    constexpr int64_t kChunk = 4096;
     const int64_t planes = v.outer * C;
     std::vector<double> p1(planes), p2(planes);
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(v.inner, 1));
@@ -209,39 +250,37 @@ void channel_sums(const ChannelView& v, const Terms& terms,
     return;
   }
 
-  const int64_t rows_per_block = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
-  const int64_t blocks = (v.outer + rows_per_block - 1) / rows_per_block;
-  std::vector<double> p1(blocks * C), p2(blocks * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> a1(C), a2(C);
-    for (int64_t b = begin; b < end; ++b) {
-      std::fill(a1.begin(), a1.end(), acc_t(0));
-      std::fill(a2.begin(), a2.end(), acc_t(0));
-      const int64_t r_end = std::min(v.outer, (b + 1) * rows_per_block);
-      for (int64_t r = b * rows_per_block; r < r_end; ++r) {
-        const int64_t off = r * C;
-        int64_t j = 0;
-        S q1, q2;
-        for (; j + S::kSize <= C; j += S::kSize) {
-          terms.vec(off + j, S::load_acc(center + j), q1, q2);
-          S t1 = S::load_acc(a1.data() + j), t2 = S::load_acc(a2.data() + j);
-          for (int k = 0; k < S::kParts; ++k) {
-            t1.v[k] = t1.v[k] + q1.v[k];
-            t2.v[k] = t2.v[k] + q2.v[k];
+  // channels_last: tiles of kRows rows x one group of channels, the group's sums held in registers
+  // across the tile's rows (a running sum kept in memory costs a load and a store per element). The
+  // tiles' fp32 partials are merged in fp64; their number is numel / kRows, whatever C is.
+  constexpr int64_t kRows = 256;
+  constexpr int G = kSumGroup<scalar_t>;
+  const int64_t steps = C / S::kSize;
+  const int64_t full = steps / G, singles = steps % G, tail_from = steps * S::kSize;
+  const int64_t cols = full + singles + (tail_from < C ? 1 : 0);
+  const int64_t blocks = (v.outer + kRows - 1) / kRows;
+  std::vector<acc_t> p1(blocks * C), p2(blocks * C);
+  at::parallel_for(0, blocks * cols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / cols, col = t % cols;
+      const int64_t r0 = b * kRows, r1 = std::min(v.outer, r0 + kRows);
+      acc_t* o1 = p1.data() + b * C;
+      acc_t* o2 = p2.data() + b * C;
+      if (col < full) {
+        sum_tile<scalar_t, G>(terms, C, r0, r1, col * G * S::kSize, center, o1, o2);
+      } else if (col < full + singles) {
+        sum_tile<scalar_t, 1>(terms, C, r0, r1, (full * G + col - full) * S::kSize, center, o1, o2);
+      } else {
+        for (int64_t c = tail_from; c < C; ++c) {
+          acc_t t1 = 0, t2 = 0, e1, e2;
+          for (int64_t r = r0; r < r1; ++r) {
+            terms.scalar(r * C + c, center[c], e1, e2);
+            t1 += e1;
+            t2 += e2;
           }
-          t1.store_acc(a1.data() + j);
-          t2.store_acc(a2.data() + j);
+          o1[c] = t1;
+          o2[c] = t2;
         }
-        for (; j < C; ++j) {
-          acc_t e1, e2;
-          terms.scalar(off + j, center[j], e1, e2);
-          a1[j] += e1;
-          a2[j] += e2;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        p1[b * C + c] = a1[c];
-        p2[b * C + c] = a2[c];
       }
     }
   });
