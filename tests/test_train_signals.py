@@ -2,7 +2,10 @@
 save last.pt at that exact position and exit 143/130; a second signal exits at once; --save-every.
 
 No sleeps that race: one training image is a FIFO, so the run blocks inside a known step until the
-test has sent its signals and then writes the image. The step in flight is then known exactly.
+test has sent its signals and then writes the image. The step in flight is then known exactly. The
+debounce test holds its step in Python instead (a sitecustomize hook around torchvision's image
+loader): Python runs a signal's handler only between bytecodes, which a read blocked on a FIFO may
+never reach, and that test needs the first handler to have run before it sends the second signal.
 """
 from __future__ import annotations
 
@@ -34,22 +37,27 @@ def _image_folder(root: Path, per_class: int) -> Path:
     return root
 
 
-def _block_at_step(root: Path, step: int, per_rank_batch: int, world_size: int = 1, rank: int = 0):
-    """Turn the image that `rank` reads first in `step` (1-based) of epoch 1 into a FIFO.
-    Returns (the FIFO, the image's bytes)."""
+def _image_at_step(root: Path, step: int, per_rank_batch: int, world_size: int = 1, rank: int = 0) -> Path:
+    """The image that `rank` reads first in `step` (1-based) of epoch 1."""
     train_set = data.load_splits(str(root), 16, 320).train
     sampler = data.ResumableSampler(train_set, world_size, rank, seed=0)
     sampler.start_epoch(0)
     index = list(sampler)[(step - 1) * per_rank_batch]
-    path = Path(train_set.samples[index][0])
+    return Path(train_set.samples[index][0])
+
+
+def _block_at_step(root: Path, step: int, per_rank_batch: int, world_size: int = 1, rank: int = 0):
+    """Turn the image that `rank` reads first in `step` (1-based) of epoch 1 into a FIFO.
+    Returns (the FIFO, the image's bytes)."""
+    path = _image_at_step(root, step, per_rank_batch, world_size, rank)
     content = path.read_bytes()
     path.unlink()
     os.mkfifo(path)
     return path, content
 
 
-def _start(argv: list, tmp_path: Path, torchrun: int = 0) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def _start(argv: list, tmp_path: Path, torchrun: int = 0, **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_extra}
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)] if torchrun else []
     cmd = [sys.executable, *launcher, "-m", "resnet_fast.train", *map(str, argv)]
     out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
@@ -126,6 +134,64 @@ def test_sigterm_mid_epoch_saves_that_step_and_resumes_bitwise(capsys, tmp_path)
     for a, b in zip(_metrics(tmp_path / "straight" / "metrics.csv"), _metrics(out / "metrics.csv"), strict=True):
         assert (a["epoch"], a["train_loss"], a["val_loss"], a["val_top1"]) == \
                (b["epoch"], b["train_loss"], b["val_loss"], b["val_top1"])
+
+
+_HOLD_HOOK = """\
+import os, time
+import torchvision.datasets.folder as folder
+
+_hold, _load = os.environ["RESNET_FAST_TEST_HOLD"], folder.pil_loader
+
+
+def pil_loader(path):
+    if path == _hold and not os.path.exists(_hold + ".release"):
+        open(_hold + ".reached", "w").close()
+        while not os.path.exists(_hold + ".release"):
+            time.sleep(0.005)  # Python bytecode between sleeps: the run's signal handlers run here
+    return _load(path)
+
+
+folder.pil_loader = pil_loader  # default_loader looks it up on every call
+"""
+
+
+def _until(condition, proc: subprocess.Popen, tmp_path: Path, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}:\n" + "\n".join(_outputs(tmp_path))
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_a_second_signal_within_the_debounce_window_is_the_same_request(tmp_path):
+    """The first SIGTERM's handler has run (its line is on stderr) when a second SIGTERM arrives, well
+    inside DEBOUNCE_S: the run still finishes step 3, saves it and exits 143. Without the debounce the
+    second signal would kill the run (status -15)."""
+    root = _image_folder(tmp_path / "data", per_class=8)
+    image = _image_at_step(root, step=3, per_rank_batch=8)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_HOOK)
+    out = tmp_path / "run"
+    proc = _start([*FAST, "--batch-size", "8", "--data", root, "--output-dir", out], tmp_path,
+                  PYTHONPATH=f"{hook}{os.pathsep}{REPO}", RESNET_FAST_TEST_HOLD=str(image))
+    _until(Path(f"{image}.reached").exists, proc, tmp_path, "step 3")
+    first = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _until(lambda: "SIGTERM received" in _outputs(tmp_path)[1], proc, tmp_path, "the first signal's handler")
+    proc.send_signal(signal.SIGTERM)
+    gap = time.monotonic() - first
+    Path(f"{image}.release").touch()
+    rc, stdout, stderr = _wait(proc, tmp_path)
+
+    if gap >= stop.DEBOUNCE_S:
+        pytest.skip(f"the second signal went {gap:.2f} s after the first: outside the window under test")
+    assert rc == 143, stdout + stderr
+    assert stderr.count("SIGTERM received") == 1 and "second signal (" not in stderr, stderr
+    assert [line for line in stdout.splitlines() if line.startswith("stopped")] == [
+        f"stopped by SIGTERM after step 3 (epoch 1, batch 3/8); {out / 'last.pt'} holds this position. "
+        f"Resume with: resnet-fast train --resume {out / 'last.pt'}"], stdout
+    assert checkpoint.load(out / "last.pt")["progress"]["global_step"] == 3
 
 
 def test_second_signal_exits_at_once_and_keeps_the_last_complete_save(tmp_path):

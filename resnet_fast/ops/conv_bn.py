@@ -55,7 +55,7 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module,
             return run(x, conv, bn, residual, relu, differentiable=True)
         return (_EVAL.get(impl) or _triton_eval())(x, conv, bn, residual, relu)
     x = _train_layout(x)
-    if type(bn) is nn.BatchNorm2d and (relu or residual is not None):
+    if type(bn) is nn.BatchNorm2d:  # the shortcut's BN too: the fused ops beat aten's BN without ReLU as well
         return bn_act(conv(x), bn, residual=residual, relu=relu)
     return _as_modules(x, conv, bn, residual, relu)
 
