@@ -155,12 +155,18 @@ def test_state_dict_round_trip(tmp_path):
         assert torch.equal(q(x), loaded(x))
 
 
-def test_load_state_dict_and_inplace_edits_repack():
+def _two_quantized():
+    """An input, two models quantized from different weights, and their outputs on it."""
     x = batches(1, seed=5)[0]
     q1 = resnet_fast.quantize(small_model(seed=0), batches())
     q2 = resnet_fast.quantize(small_model(seed=1), batches())
     with torch.no_grad():
-        y1, y2 = q1(x), q2(x)
+        return x, q1, q2, q1(x), q2(x)
+
+
+def test_load_state_dict_and_inplace_edits_repack():
+    x, q1, q2, y1, y2 = _two_quantized()
+    with torch.no_grad():
         assert not torch.equal(y1, y2)
         q1.load_state_dict(q2.state_dict())
         assert torch.equal(q1(x), y2)  # the cached plan of q1's old weights is not used
@@ -172,11 +178,8 @@ def test_load_state_dict_and_inplace_edits_repack():
 
 
 def test_data_writes_are_seen_at_eval_and_replaced_buffers_at_once():
-    x = batches(1, seed=5)[0]
-    q1 = resnet_fast.quantize(small_model(seed=0), batches())
-    q2 = resnet_fast.quantize(small_model(seed=1), batches())
+    x, q1, q2, y1, y2 = _two_quantized()
     with torch.no_grad():
-        y1, y2 = q1(x), q2(x)
         q1.stem[0].weight.data.copy_(q2.stem[0].weight)  # `.data`: a version counter of its own
         q1.eval()
         assert not torch.equal(q1(x), y1)
