@@ -86,6 +86,7 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
     out, mean, var = bn_act_train.bn_act_fwd(impl, x, bn.weight, bn.bias, residual, bn.eps, relu)
     if running_mean is not None:
         with torch.no_grad():
-            dispatch.op(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
+            update = dispatch.op if torch.compiler.is_compiling() else dispatch.eager_op
+            update(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
     return out
 

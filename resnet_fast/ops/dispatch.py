@@ -204,3 +204,9 @@ def op(impl: str, name: str):
     else:
         from . import ext  # noqa: F401  loads _C, which registers the C++ ops
     return getattr(torch.ops.resnet_fast, name)
+
+
+@functools.cache
+def eager_op(impl: str, name: str):
+    """op(impl, name), resolved once: for eager hot paths (op costs ~20 us a call). Traced code calls op."""
+    return op(impl, name)
