@@ -300,9 +300,23 @@ def bn_case(dtype, fmt, residual, device="cpu", shape=(4, 6, 5, 7), affine=True)
 @every_family_dtype_layout
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
 def test_ops_parity(family, dtype, fmt, residual, relu, device):
+    _check_parity(family, dtype, fmt, residual, relu, device)
+
+
+# channels_last reductions sum groups of vector Steps of channels in registers, then single Steps, then a
+# scalar tail (csrc/cpu/vec.h: sum_tile); these channel counts reach each path on AVX2 (8 fp32 lanes) and
+# AVX-512 (16), fp32 and bf16, and 16x24 positions per image make two 256-row tiles, the second partial.
+@pytest.mark.parametrize("C", [8, 16, 24, 48, 70, 136])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ext_channels_last_reduction_paths(C, dtype):
+    skip_unless_usable("ext")
+    _check_parity("ext", dtype, torch.channels_last, True, True, "cpu", shape=(2, C, 16, 24))
+
+
+def _check_parity(family, dtype, fmt, residual, relu, device, shape=(4, 6, 5, 7)):
     ops = Family(family, device)
     torch.manual_seed(0)
-    x, w, b, r = bn_case(dtype, fmt, residual, device)
+    x, w, b, r = bn_case(dtype, fmt, residual, device, shape=shape)
     C = x.shape[1]
     stats = {k: (torch.zeros(C, device=device), torch.ones(C, device=device)) for k in ("ours", "eager", "ref")}
     grad = rand(x.shape, dtype, fmt, device)
