@@ -1,6 +1,8 @@
 // Operator schemas of torch.ops.resnet_fast and their CPU implementations.
 // CUDA implementations are registered by cuda/ops.cu when it is compiled in.
 #include <Python.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <string>
@@ -62,6 +64,13 @@ TORCH_LIBRARY(resnet_fast, m) {
       "float eps, bool relu, bool residual_grad) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def(
+      "bn_relu_bits_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
+      "-> (Tensor out, Tensor mean, Tensor var, Tensor relu_bits)");  // CPU only
+  m.def(
+      "bn_relu_bits_bwd(Tensor grad_out, Tensor x, Tensor relu_bits, Tensor? weight, Tensor mean, "
+      "Tensor var, float eps, bool residual_grad) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");  // CPU only
+  m.def(
       "bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
   m.def("max_pool_3x3s2(Tensor x) -> Tensor");  // CPU only (cpu/pool.cpp); CUDA uses Triton's
@@ -69,6 +78,119 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("_bn_tiling(int[] shape, ScalarType dtype, bool channels_last, bool aligned, int sms) -> str", &bn_tiling);
 }
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { impl::register_impls<CpuKernels>(m); }
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  impl::register_impls<CpuKernels>(m);
+  impl::register_relu_bits_impls<CpuKernels>(m);
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// bn_relu_bits_fwd's autograd, in C++: eager CPU training's BN+ReLU node then runs no Python (the
+// Python autograd.Function around bn_act_fwd costs ~50 us a call each way, with the GIL).
+struct BnReluBitsFunction : public torch::autograd::Function<BnReluBitsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::bn_relu_bits_fwd", "")
+                               .typed<decltype(impl::bn_relu_bits_fwd<CpuKernels>)>();
+    auto [out, mean, var, bits] = op.call(x, weight, bias, residual, eps);
+    const auto present = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+    ctx->save_for_backward({x, bits, present(weight) ? *weight : at::Tensor(), mean, var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["weight"] = present(weight);
+    ctx->saved_data["bias"] = present(bias);
+    ctx->saved_data["residual"] = present(residual);
+    ctx->saved_data["bias_dtype"] = present(bias) ? bias->scalar_type() : at::kFloat;
+    ctx->mark_non_differentiable({mean, var, bits});
+    return {out, mean, var, bits};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &bits = saved[1], &weight = saved[2], &mean = saved[3], &var = saved[4];
+    const bool has_w = ctx->saved_data["weight"].toBool(), has_b = ctx->saved_data["bias"].toBool();
+    const bool has_r = ctx->saved_data["residual"].toBool();
+    // Edges exist for the tensors forward got: x, then weight, bias, residual when present.
+    size_t edge = 0;
+    const bool need_x = ctx->needs_input_grad(edge++);
+    const bool need_w = has_w && ctx->needs_input_grad(edge++);
+    const bool need_b = has_b && ctx->needs_input_grad(edge++);
+    const bool need_r = has_r && ctx->needs_input_grad(edge++);
+    at::Tensor gx, gw, gb, gr;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("resnet_fast::bn_relu_bits_bwd", "")
+                                 .typed<decltype(impl::bn_relu_bits_bwd<CpuKernels>)>();
+      std::tie(gx, gw, gb, gr) = op.call(grads[0], x, bits,
+                                         has_w ? std::optional<at::Tensor>(weight) : std::nullopt, mean,
+                                         var, ctx->saved_data["eps"].toDouble(), need_r);
+    }
+    variable_list out = {need_x ? gx : at::Tensor(),
+                         need_w ? gw.to(weight.scalar_type()) : at::Tensor(),
+                         need_b ? gb.to(ctx->saved_data["bias_dtype"].toScalarType()) : at::Tensor(),
+                         need_r ? gr : at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled()) return once_differentiable(std::move(out));
+    return out;
+  }
+
+  // Under create_graph=True: the grads come back differentiable-looking, and a backward through them
+  // raises, as Python's @once_differentiable does (the kernels have no double backward).
+  static variable_list once_differentiable(variable_list grads) {
+    variable_list inputs;
+    for (const auto& g : grads) {
+      if (g.defined()) inputs.push_back(g.detach().requires_grad_(true));
+    }
+    auto err = std::make_shared<torch::autograd::DelayedError>(
+        "resnet_fast: bn_relu_bits_fwd has no double backward (its backward is once_differentiable)",
+        static_cast<int64_t>(inputs.size()));
+    auto wrapped = err->apply(std::move(inputs));
+    size_t i = 0;
+    for (auto& g : grads) {
+      if (g.defined()) g = wrapped[i++];
+    }
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_bits_fwd_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, double eps) {
+  auto outs = BnReluBitsFunction::apply(x, weight, bias, residual, eps);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
+// The ADInplaceOrView kernel of the ops that write their (a!) arguments: run the op, then bump the
+// version counter of every tensor it wrote, as aten's in-place ops do. Whatever is keyed on versions
+// (the BN fold cache, autograd's saved-tensor check) then sees the write. In C++, one boxed kernel for
+// all of them: a Python kernel here cost ~15 us a call on eager hot paths (the running-stats update).
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const auto& value = (*stack)[first + i];
+    if (alias != nullptr && alias->isWrite() && value.isTensor()) written.push_back(value.toTensor());
+  }
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  for (const auto& t : written) torch::autograd::impl::bump_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) { m.impl("bn_relu_bits_fwd", &bn_relu_bits_fwd_autograd); }
+
+TORCH_LIBRARY_IMPL(resnet_fast, ADInplaceOrView, m) {
+  for (const char* name : {"add_relu_out", "add_relu_", "scale_bias_act_out", "scale_bias_act_", "bn_update_stats_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  }
+}
 
 }  // namespace resnet_fast

@@ -206,10 +206,23 @@ inline int64_t values_per_channel(const at::Tensor& x) {
   return x.size(1) == 0 ? 0 : x.numel() / x.size(1);
 }
 
-// act(batch_norm(x) + residual) with batch statistics. Returns the output, the
-// batch mean and the biased batch variance (accumulation dtype, shape [C]).
-template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
+// The ReLU-mask bits of bn_relu_bits_fwd/bwd (CPU, cpu/vec.h's layout): one bit per element of x in
+// kernel memory order, whose runs (channels_last rows, NCHW planes) must start on a byte.
+inline void check_relu_bits_input(const at::Tensor& x) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "resnet_fast: the ReLU-mask bits ops take float32, float16 or bfloat16, got ", st);
+  const auto v = channel_view(x, kernel_format(x));
+  const int64_t run = v.channels_last ? v.channels : v.inner;
+  TORCH_CHECK(run % 8 == 0, "resnet_fast: the ReLU-mask bits ops need ",
+              v.channels_last ? "a channel count" : "a spatial size", " that is a multiple of 8, got ", run);
+}
+
+inline int64_t relu_bits_bytes(const at::Tensor& x) { return (x.numel() + 7) / 8; }
+
+// kBits: also return the ReLU mask as bits (CPU kernels only; CUDA's K::bn_forward has no such argument).
+template <class K, bool kBits>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_forward_op(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
     bool relu) {
@@ -221,28 +234,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
   if (bias.has_value()) check_per_channel(*bias, x, "bias");
   if (residual.has_value()) check_like(*residual, x, "residual");
   TORCH_CHECK(eps >= 0, "resnet_fast: eps must be >= 0, got ", eps);
+  if constexpr (kBits) check_relu_bits_input(x);
   typename K::Guard guard(x.device());
   const auto fmt = kernel_format(x);
   const auto acc = acc_type(x.scalar_type());
   auto out = empty_in(x, fmt);
   auto mean = at::empty({x.size(1)}, x.options().dtype(acc));
   auto var = at::empty({x.size(1)}, x.options().dtype(acc));
+  auto bits = kBits ? at::empty({relu_bits_bytes(x)}, x.options().dtype(at::kByte)) : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
-  K::bn_forward(x.contiguous(fmt), as_acc(weight, acc), as_acc(bias, acc), r, eps, relu, out, mean,
-                var);
+  if constexpr (kBits) {
+    K::bn_forward(x.contiguous(fmt), as_acc(weight, acc), as_acc(bias, acc), r, eps, relu, out, mean,
+                  var, bits);
+  } else {
+    K::bn_forward(x.contiguous(fmt), as_acc(weight, acc), as_acc(bias, acc), r, eps, relu, out, mean,
+                  var);
+  }
+  return {out, mean, var, bits};
+}
+
+// act(batch_norm(x) + residual) with batch statistics. Returns the output, the
+// batch mean and the biased batch variance (accumulation dtype, shape [C]).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
+    bool relu) {
+  auto [out, mean, var, bits] = bn_forward_op<K, false>(x, weight, bias, residual, eps, relu);
   return {out, mean, var};
 }
 
-// Gradients of bn_act_fwd. grad_residual is the ReLU-masked grad_out (an empty
-// tensor when residual_grad is false); the ReLU mask comes from out > 0.
+// relu(batch_norm(x) + residual), as bn_act_fwd, plus the ReLU mask as bits for bn_relu_bits_bwd.
 template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_bits_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps) {
+  return bn_forward_op<K, true>(x, weight, bias, residual, eps, true);
+}
+
+// kBits: the ReLU mask from relu_bits, not out (CPU kernels only).
+template <class K, bool kBits>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_op(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& relu_bits,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
     double eps, bool relu, bool residual_grad) {
   check_channels_input(x);
   check_like(grad_out, x, "grad_out");
-  check_like(out, x, "out");
+  if constexpr (kBits) {
+    check_relu_bits_input(x);
+    TORCH_CHECK(relu_bits.scalar_type() == at::kByte && relu_bits.dim() == 1 &&
+                    relu_bits.numel() == relu_bits_bytes(x) && relu_bits.device() == x.device(),
+                "resnet_fast: relu_bits must be bn_relu_bits_fwd's uint8 tensor of ", relu_bits_bytes(x),
+                " bytes on ", x.device(), ", got ", relu_bits.scalar_type(), " of shape ", relu_bits.sizes(),
+                " on ", relu_bits.device());
+  } else {
+    check_like(out, x, "out");
+  }
   check_per_channel(mean, x, "mean");
   check_per_channel(var, x, "var");
   if (weight.has_value()) check_per_channel(*weight, x, "weight");
@@ -253,10 +300,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
   auto grad_w = at::empty({x.size(1)}, x.options().dtype(acc));
   auto grad_b = at::empty({x.size(1)}, x.options().dtype(acc));
   auto grad_r = residual_grad ? empty_in(x, fmt) : at::empty({0}, x.options());
-  K::bn_backward(grad_out.contiguous(fmt), x.contiguous(fmt), out.contiguous(fmt),
-                 as_acc(weight, acc), mean.to(acc).contiguous(), var.to(acc).contiguous(), eps,
-                 relu, grad_x, grad_w, grad_b, residual_grad ? grad_r : at::Tensor());
+  const at::Tensor gr = residual_grad ? grad_r : at::Tensor();
+  if constexpr (kBits) {
+    K::bn_backward(grad_out.contiguous(fmt), x.contiguous(fmt), at::Tensor(), as_acc(weight, acc),
+                   mean.to(acc).contiguous(), var.to(acc).contiguous(), eps, relu, grad_x, grad_w,
+                   grad_b, gr, relu_bits.contiguous());
+  } else {
+    K::bn_backward(grad_out.contiguous(fmt), x.contiguous(fmt), out.contiguous(fmt),
+                   as_acc(weight, acc), mean.to(acc).contiguous(), var.to(acc).contiguous(), eps,
+                   relu, grad_x, grad_w, grad_b, gr);
+  }
   return {grad_x, grad_w, grad_b, grad_r};
+}
+
+// Gradients of bn_act_fwd. grad_residual is the ReLU-masked grad_out (an empty
+// tensor when residual_grad is false); the ReLU mask comes from out > 0.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+    double eps, bool relu, bool residual_grad) {
+  return bn_backward_op<K, false>(grad_out, x, out, at::Tensor(), weight, mean, var, eps, relu, residual_grad);
+}
+
+// Gradients of bn_relu_bits_fwd, the ReLU mask read from its bits.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_bits_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relu_bits,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+    double eps, bool residual_grad) {
+  return bn_backward_op<K, true>(grad_out, x, at::Tensor(), relu_bits, weight, mean, var, eps, true,
+                           residual_grad);
 }
 
 // running = (1 - momentum) * running + momentum * batch, with the unbiased
@@ -303,6 +377,13 @@ void register_impls(torch::Library& m) {
   m.impl("bn_act_fwd", &bn_act_fwd<K>);
   m.impl("bn_act_bwd", &bn_act_bwd<K>);
   m.impl("bn_update_stats_", &bn_update_stats_<K>);
+}
+
+// The ReLU-mask bits ops: CPU only (ops.cpp), for the eager CPU training path (ops/bn_act_train.py).
+template <class K>
+void register_relu_bits_impls(torch::Library& m) {
+  m.impl("bn_relu_bits_fwd", &bn_relu_bits_fwd<K>);
+  m.impl("bn_relu_bits_bwd", &bn_relu_bits_bwd<K>);
 }
 
 }  // namespace impl

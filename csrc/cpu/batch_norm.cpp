@@ -2,9 +2,10 @@
 //
 // Forward: one reduction pass for per-channel shifted sums (shift K = the
 // channel's first value keeps sum((x-K)^2) - sum(x-K)^2/M well conditioned),
-// then one normalize pass (scale_bias_act's loop) that fuses residual and ReLU.
-// Backward: one reduction pass for sum(dz) and sum(dz*(x-mean)) with the ReLU
-// mask recomputed from out > 0, then one elementwise pass for grad_x (and
+// then one normalize pass (scale_bias_act's loop) that fuses residual and ReLU
+// and may save the ReLU mask as bits (vec.h). Backward: one reduction pass for
+// sum(dz) and sum(dz*(x-mean)), dz being grad_out under the ReLU mask (from the
+// bits, else out > 0), then one elementwise pass for grad_x (and
 // grad_residual = dz).
 #include <ATen/Dispatch.h>
 
@@ -38,28 +39,64 @@ struct StatsTerms {
   }
 };
 
-template <typename scalar_t, bool kRelu>
-struct GradTerms {
+// Where the backward's ReLU mask comes from.
+enum class Mask { kNone, kOut, kBits };
+
+// dz: grad_out masked by the ReLU (out > 0, or the forward's bits).
+template <typename scalar_t, Mask M>
+struct MaskedGrad {
   using S = Step<scalar_t>;
   using acc_t = typename S::acc_t;
   const scalar_t* grad_out;
   const scalar_t* out;
+  const uint8_t* bits;
+  S vec(int64_t i) const {
+    S g = S::load(grad_out + i);
+    if constexpr (M == Mask::kOut) {
+      const S o = S::load(out + i);
+      for (int p = 0; p < S::kParts; ++p) g.v[p] = cpu::mask_v(g.v[p], o.v[p]);
+    } else if constexpr (M == Mask::kBits) {
+      for (int p = 0; p < S::kParts; ++p) {
+        g.v[p] = cpu::keep_bits(g.v[p], cpu::load_bits<acc_t>(bits, i + p * S::AVec::size()));
+      }
+    }
+    return g;
+  }
+  acc_t scalar(int64_t i) const {
+    const acc_t g = static_cast<acc_t>(grad_out[i]);
+    if constexpr (M == Mask::kOut) return cpu::mask_s(g, static_cast<acc_t>(out[i]));
+    if constexpr (M == Mask::kBits) return cpu::bit_at(bits, i) ? g : acc_t(0);
+    return g;
+  }
+};
+
+template <typename scalar_t, Mask M>
+struct GradTerms {
+  using S = Step<scalar_t>;
+  using acc_t = typename S::acc_t;
+  MaskedGrad<scalar_t, M> dz;
   const scalar_t* x;
   void vec(int64_t i, const S& mean, S& q1, S& q2) const {
-    const S g = S::load(grad_out + i), xv = S::load(x + i);
-    S o;
-    if constexpr (kRelu) o = S::load(out + i);
-    for (int p = 0; p < S::kParts; ++p) {
-      q1.v[p] = kRelu ? cpu::mask_v(g.v[p], o.v[p]) : g.v[p];
-      q2.v[p] = q1.v[p] * (xv.v[p] - mean.v[p]);
-    }
+    q1 = dz.vec(i);
+    const S xv = S::load(x + i);
+    for (int p = 0; p < S::kParts; ++p) q2.v[p] = q1.v[p] * (xv.v[p] - mean.v[p]);
   }
   void scalar(int64_t i, acc_t mean, acc_t& q1, acc_t& q2) const {
-    const acc_t g = static_cast<acc_t>(grad_out[i]);
-    q1 = kRelu ? cpu::mask_s(g, static_cast<acc_t>(out[i])) : g;
+    q1 = dz.scalar(i);
     q2 = q1 * (static_cast<acc_t>(x[i]) - mean);
   }
 };
+
+template <class F>
+void dispatch_mask(bool relu, bool bits, const F& f) {
+  if (!relu) {
+    f(std::integral_constant<Mask, Mask::kNone>{});
+  } else if (bits) {
+    f(std::integral_constant<Mask, Mask::kBits>{});
+  } else {
+    f(std::integral_constant<Mask, Mask::kOut>{});
+  }
+}
 
 // Index of channel c's first element, used as the shift K.
 int64_t first_of_channel(const ChannelView& v, int64_t c) {
@@ -71,7 +108,8 @@ int64_t first_of_channel(const ChannelView& v, int64_t c) {
 template <>
 void IsaKernels<RESNET_FAST_CPU_ISA>::bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const at::Tensor& residual, double eps, bool relu,
-                            const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var) {
+                            const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
+                            const at::Tensor& relu_bits) {
   const auto view = channel_view(x, kernel_format(out));
   const int64_t C = view.channels;
   const double count = static_cast<double>(view.outer * view.inner);
@@ -103,7 +141,7 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_forward(const at::Tensor& x, const at::
       hp[c] = static_cast<acc_t>((bp ? static_cast<double>(bp[c]) : 0.0) - m * a);
     }
   });
-  scale_bias_act(x, scale, shift, residual, relu, out);
+  scale_bias_act(x, scale, shift, residual, relu, out, relu_bits);
 }
 
 template <>
@@ -111,7 +149,8 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
                              const at::Tensor& out, const at::Tensor& weight,
                              const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
                              const at::Tensor& grad_x, const at::Tensor& grad_weight,
-                             const at::Tensor& grad_bias, const at::Tensor& grad_residual) {
+                             const at::Tensor& grad_bias, const at::Tensor& grad_residual,
+                             const at::Tensor& relu_bits) {
   const auto view = channel_view(x, kernel_format(grad_x));
   const int64_t C = view.channels;
   const double count = static_cast<double>(view.outer * view.inner);
@@ -119,16 +158,17 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
     using S = Step<scalar_t>;
     using acc_t = typename S::acc_t;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const scalar_t* op = out.defined() ? out.const_data_ptr<scalar_t>() : nullptr;
+    const uint8_t* bitp = relu_bits.defined() ? relu_bits.const_data_ptr<uint8_t>() : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* vp = var.const_data_ptr<acc_t>();
     const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
 
     std::vector<double> sum_dz(C), sum_dz_xmu(C);
-    cpu::dispatch_bool(relu, [&](auto do_relu) {
-      constexpr bool kRelu = decltype(do_relu)::value;
-      cpu::channel_sums<scalar_t>(view, GradTerms<scalar_t, kRelu>{gp, op, xp}, mp, sum_dz.data(),
+    dispatch_mask(relu, bitp != nullptr, [&](auto mask) {
+      constexpr Mask M = decltype(mask)::value;
+      cpu::channel_sums<scalar_t>(view, GradTerms<scalar_t, M>{{gp, op, bitp}, xp}, mp, sum_dz.data(),
                                   sum_dz_xmu.data());
     });
 
@@ -148,35 +188,32 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
 
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* grp = grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
-    cpu::dispatch_bool(relu, [&](auto do_relu) {
+    dispatch_mask(relu, bitp != nullptr, [&](auto mask) {
       cpu::dispatch_bool(grp != nullptr, [&](auto has_gr) {
-        constexpr bool kRelu = decltype(do_relu)::value;
+        constexpr Mask M = decltype(mask)::value;
         constexpr bool kGr = decltype(has_gr)::value;
+        const MaskedGrad<scalar_t, M> masked{gp, op, bitp};
         cpu::for_each_run(view, [&](int64_t off, int64_t n, int64_t c, auto per_lane) {
           constexpr bool kLane = decltype(per_lane)::value;
           const cpu::ChannelParam<scalar_t, kLane> pa(a.data(), c), pb(b.data(), c),
               pd(d.data(), c), pm(mp, c);
           int64_t j = 0;
           for (; j + S::kSize <= n; j += S::kSize) {
-            S dz = S::load(gp + off + j);
+            const S dz = masked.vec(off + j);
             const S xv = S::load(xp + off + j);
-            S o;
-            if constexpr (kRelu) o = S::load(op + off + j);
             const auto& av = pa.vec(j);
             const auto& bv = pb.vec(j);
             const auto& dv = pd.vec(j);
             const auto& mv = pm.vec(j);
             S gx;
             for (int k = 0; k < S::kParts; ++k) {
-              if constexpr (kRelu) dz.v[k] = cpu::mask_v(dz.v[k], o.v[k]);
               gx.v[k] = av.v[k] * dz.v[k] + bv.v[k] * (xv.v[k] - mv.v[k]) + dv.v[k];
             }
             gx.store(gxp + off + j);
             if constexpr (kGr) dz.store(grp + off + j);
           }
           for (; j < n; ++j) {
-            acc_t dz = static_cast<acc_t>(gp[off + j]);
-            if constexpr (kRelu) dz = cpu::mask_s(dz, static_cast<acc_t>(op[off + j]));
+            const acc_t dz = masked.scalar(off + j);
             const acc_t xm = static_cast<acc_t>(xp[off + j]) - pm.at(j);
             gxp[off + j] = static_cast<scalar_t>(pa.at(j) * dz + pb.at(j) * xm + pd.at(j));
             if constexpr (kGr) grp[off + j] = static_cast<scalar_t>(dz);

@@ -65,11 +65,12 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::relu_grad(const at::Tensor& grad_out, cons
   });
 }
 
-// out = act(x * scale[c] + shift[c] (+ residual)); also the normalize pass of bn_forward.
+// out = act(x * scale[c] + shift[c] (+ residual)); also the normalize pass of bn_forward, which may
+// ask for the ReLU mask as bits (relu_bits defined: vec.h's layout, runs of a multiple of 8 elements).
 template <>
 void IsaKernels<RESNET_FAST_CPU_ISA>::scale_bias_act(const at::Tensor& x, const at::Tensor& scale,
                                 const at::Tensor& shift, const at::Tensor& residual, bool relu,
-                                const at::Tensor& out) {
+                                const at::Tensor& out, const at::Tensor& relu_bits) {
   const auto view = channel_view(x, kernel_format(out));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_bias_act_cpu", [&] {
     using S = Step<scalar_t>;
@@ -77,33 +78,53 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::scale_bias_act(const at::Tensor& x, const 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = relu_bits.defined() ? relu_bits.mutable_data_ptr<uint8_t>() : nullptr;
     const acc_t* sp = scale.const_data_ptr<acc_t>();
     const acc_t* bp = shift.const_data_ptr<acc_t>();
     cpu::dispatch_bool(rp != nullptr, [&](auto has_res) {
       cpu::dispatch_bool(relu, [&](auto do_relu) {
-        cpu::for_each_run(view, [&](int64_t off, int64_t n, int64_t c, auto per_lane) {
-          constexpr bool kLane = decltype(per_lane)::value;
-          const cpu::ChannelParam<scalar_t, kLane> s(sp, c), b(bp, c);
-          int64_t j = 0;
-          for (; j + S::kSize <= n; j += S::kSize) {
-            S y = S::load(xp + off + j);
-            const auto& sv = s.vec(j);
-            const auto& bv = b.vec(j);
-            S r;
-            if constexpr (decltype(has_res)::value) r = S::load(rp + off + j);
-            for (int k = 0; k < S::kParts; ++k) {
-              y.v[k] = y.v[k] * sv.v[k] + bv.v[k];
-              if constexpr (decltype(has_res)::value) y.v[k] = y.v[k] + r.v[k];
-              if constexpr (decltype(do_relu)::value) y.v[k] = cpu::relu_v(y.v[k]);
+        cpu::dispatch_bool(mp != nullptr, [&](auto has_bits) {
+          constexpr bool kBits = decltype(do_relu)::value && decltype(has_bits)::value;
+          cpu::for_each_run(view, [&](int64_t off, int64_t n, int64_t c, auto per_lane) {
+            constexpr bool kLane = decltype(per_lane)::value;
+            const cpu::ChannelParam<scalar_t, kLane> s(sp, c), b(bp, c);
+            int64_t j = 0;
+            for (; j + S::kSize <= n; j += S::kSize) {
+              S y = S::load(xp + off + j);
+              const auto& sv = s.vec(j);
+              const auto& bv = b.vec(j);
+              S r;
+              if constexpr (decltype(has_res)::value) r = S::load(rp + off + j);
+              for (int k = 0; k < S::kParts; ++k) {
+                y.v[k] = y.v[k] * sv.v[k] + bv.v[k];
+                if constexpr (decltype(has_res)::value) y.v[k] = y.v[k] + r.v[k];
+                if constexpr (decltype(do_relu)::value) y.v[k] = cpu::relu_v(y.v[k]);
+              }
+              y.store(op + off + j);
+              if constexpr (kBits) {
+                // The mask of the stored output: a bf16/fp16 rounding to 0 is not positive.
+                if constexpr (S::kReduced) y = S::load(op + off + j);
+                for (int k = 0; k < S::kParts; ++k) {
+                  cpu::store_bits<acc_t>(mp, off + j + k * S::AVec::size(), cpu::positive_bits(y.v[k]));
+                }
+              }
             }
-            y.store(op + off + j);
-          }
-          for (; j < n; ++j) {
-            acc_t y = static_cast<acc_t>(xp[off + j]) * s.at(j) + b.at(j);
-            if constexpr (decltype(has_res)::value) y += static_cast<acc_t>(rp[off + j]);
-            if constexpr (decltype(do_relu)::value) y = cpu::relu_s(y);
-            op[off + j] = static_cast<scalar_t>(y);
-          }
+            [[maybe_unused]] uint32_t byte = 0;  // the tail's bits, written a byte at a time
+            for (; j < n; ++j) {
+              acc_t y = static_cast<acc_t>(xp[off + j]) * s.at(j) + b.at(j);
+              if constexpr (decltype(has_res)::value) y += static_cast<acc_t>(rp[off + j]);
+              if constexpr (decltype(do_relu)::value) y = cpu::relu_s(y);
+              op[off + j] = static_cast<scalar_t>(y);
+              if constexpr (kBits) {
+                const int64_t e = off + j;
+                byte |= static_cast<uint32_t>(static_cast<acc_t>(op[e]) > acc_t(0)) << (e % 8);
+                if (e % 8 == 7) {
+                  mp[e / 8] = static_cast<uint8_t>(byte);
+                  byte = 0;
+                }
+              }
+            }
+          });
         });
       });
     });

@@ -97,22 +97,22 @@ void CpuKernels::relu_grad(const at::Tensor& grad_out, const at::Tensor& out, co
 
 void CpuKernels::scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                                 const at::Tensor& residual, bool relu, const at::Tensor& out) {
-  RESNET_FAST_ON_ISA(scale_bias_act, x, scale, shift, residual, relu, out);
+  RESNET_FAST_ON_ISA(scale_bias_act, x, scale, shift, residual, relu, out, at::Tensor());
 }
 
 void CpuKernels::bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                             const at::Tensor& residual, double eps, bool relu, const at::Tensor& out,
-                            const at::Tensor& mean, const at::Tensor& var) {
-  RESNET_FAST_ON_ISA(bn_forward, x, weight, bias, residual, eps, relu, out, mean, var);
+                            const at::Tensor& mean, const at::Tensor& var, const at::Tensor& relu_bits) {
+  RESNET_FAST_ON_ISA(bn_forward, x, weight, bias, residual, eps, relu, out, mean, var, relu_bits);
 }
 
 void CpuKernels::bn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                              const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
                              double eps, bool relu, const at::Tensor& grad_x,
                              const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                             const at::Tensor& grad_residual) {
+                             const at::Tensor& grad_residual, const at::Tensor& relu_bits) {
   RESNET_FAST_ON_ISA(bn_backward, grad_out, x, out, weight, mean, var, eps, relu, grad_x, grad_weight,
-                     grad_bias, grad_residual);
+                     grad_bias, grad_residual, relu_bits);
 }
 
 TORCH_LIBRARY_FRAGMENT(resnet_fast, m) {

@@ -23,15 +23,16 @@ struct IsaKernels {
   static void add_relu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& out);
   static void relu_grad(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& grad);
   static void scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                             const at::Tensor& residual, bool relu, const at::Tensor& out);
+                             const at::Tensor& residual, bool relu, const at::Tensor& out,
+                             const at::Tensor& relu_bits);
   static void bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& residual, double eps, bool relu, const at::Tensor& out,
-                         const at::Tensor& mean, const at::Tensor& var);
+                         const at::Tensor& mean, const at::Tensor& var, const at::Tensor& relu_bits);
   static void bn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                           const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
                           double eps, bool relu, const at::Tensor& grad_x,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                          const at::Tensor& grad_residual);
+                          const at::Tensor& grad_residual, const at::Tensor& relu_bits);
 };
 
 // Each ISA's members are explicit specializations, declared here for every file that calls them.
@@ -39,14 +40,15 @@ struct IsaKernels {
   template <> void IsaKernels<I>::add_relu(const at::Tensor&, const at::Tensor&, const at::Tensor&);     \
   template <> void IsaKernels<I>::relu_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&);    \
   template <> void IsaKernels<I>::scale_bias_act(const at::Tensor&, const at::Tensor&, const at::Tensor&, \
-                                                 const at::Tensor&, bool, const at::Tensor&);            \
+                                                 const at::Tensor&, bool, const at::Tensor&,             \
+                                                 const at::Tensor&);                                     \
   template <> void IsaKernels<I>::bn_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
                                              const at::Tensor&, double, bool, const at::Tensor&,         \
-                                             const at::Tensor&, const at::Tensor&);                      \
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&);   \
   template <> void IsaKernels<I>::bn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,    \
                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
                                               double, bool, const at::Tensor&, const at::Tensor&,        \
-                                              const at::Tensor&, const at::Tensor&);
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&);
 RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kBaseline)
 RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kAvx512)
 #undef RESNET_FAST_DECLARE_ISA_KERNELS
@@ -61,14 +63,17 @@ struct CpuKernels {
   static void relu_grad(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& grad);
   static void scale_bias_act(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const at::Tensor& residual, bool relu, const at::Tensor& out);
+  // relu_bits (bn_relu_bits_fwd/bwd): the ReLU mask as bits, written by the forward, read by the
+  // backward instead of out; undefined for bn_act_fwd/bwd (the CUDA kernels' signature).
   static void bn_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& residual, double eps, bool relu, const at::Tensor& out,
-                         const at::Tensor& mean, const at::Tensor& var);
+                         const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& relu_bits = at::Tensor());
   static void bn_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out,
                           const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
                           double eps, bool relu, const at::Tensor& grad_x,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-                          const at::Tensor& grad_residual);
+                          const at::Tensor& grad_residual, const at::Tensor& relu_bits = at::Tensor());
   static void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                    const at::Tensor& mean, const at::Tensor& var, double momentum,
                                    int64_t count);

@@ -10,31 +10,10 @@ channels_last-dense and not also NCHW-contiguous, else NCHW-contiguous.
 from __future__ import annotations
 
 import torch
-from torch.library import Library, register_autograd, register_fake
+from torch.library import register_autograd, register_fake
 
 # Ops that only mutate their (a!) arguments and return nothing.
 MUTATING = ("add_relu_out", "add_relu_", "scale_bias_act_out", "scale_bias_act_", "bn_update_stats_")
-
-
-# Holds the ADInplaceOrView kernels registered by bump_versions (a Library unregisters them when freed).
-_VERSION_KERNELS = Library("resnet_fast", "IMPL")
-
-
-def bump_versions(prefix: str) -> None:
-    """Give each MUTATING op of resnet_fast::<prefix> an ADInplaceOrView kernel that bumps the version
-    counter of every argument its schema writes (Tensor(a!)), as aten's in-place ops do: whatever is
-    keyed on versions (the BN fold cache, autograd's saved-tensor check) then sees the write. The C++ ops
-    need this; torch.library.custom_op (the Triton family) registers the same kernel itself."""
-    for name in MUTATING:
-        op = getattr(torch.ops.resnet_fast, prefix + name).default
-        written = [i for i, arg in enumerate(op._schema.arguments)
-                   if arg.alias_info is not None and arg.alias_info.is_write]
-
-        def kernel(keyset, *args, op=op, written=written):
-            op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
-            torch.autograd.graph.increment_version([args[i] for i in written])
-
-        _VERSION_KERNELS.impl(op._schema.name.split("::")[1], kernel, "ADInplaceOrView", with_keyset=True)
 
 
 def kernel_format(x: torch.Tensor) -> torch.memory_format:
@@ -132,3 +111,18 @@ def register(prefix: str) -> None:
                 grad_r if need_r else None, None, None)
 
     register_autograd(name("bn_act_fwd"), bn_backward, setup_context=bn_setup)
+
+
+def register_relu_bits() -> None:
+    """Fake kernels of the C++ CPU ops bn_relu_bits_fwd/bwd. They have no autograd of their own: only
+    ops/bn_act_train.py's eager Function calls them, below autograd."""
+    def fwd_fake(x, weight, bias, residual, eps):
+        bits = x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+        return empty_like_kernel(x), _per_channel(x), _per_channel(x), bits
+
+    def bwd_fake(grad_out, x, relu_bits, weight, mean, var, eps, residual_grad):
+        grad_r = empty_like_kernel(x) if residual_grad else x.new_empty((0,))
+        return empty_like_kernel(x), _per_channel(x), _per_channel(x), grad_r
+
+    register_fake("resnet_fast::bn_relu_bits_fwd", fwd_fake)
+    register_fake("resnet_fast::bn_relu_bits_bwd", bwd_fake)

@@ -8,9 +8,13 @@ wrapper would only redispatch (~20 us a call): the same kernels, outputs and gra
 cost ~110 us of Python a call besides the op (resnet50 training step, timed per statement); the op
 lookups are cached and the no-op dtype casts skipped. Traced code (torch.compile, export) keeps the
 registered op.
+On CPU with the extension, BN+ReLU runs bn_relu_bits_fwd instead: it saves the ReLU's mask as bits
+rather than reading the output back (the backward's two passes then read 1/32 of an fp32 tensor for
+it instead of the whole output twice), and its autograd is C++ (csrc/ops.cpp): no Python per call.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,6 +22,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
+from ._op_meta import kernel_format
+
+_BITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _BnAct(torch.autograd.Function):
@@ -39,6 +46,15 @@ class _BnAct(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _backward_once_differentiable(ctx, grad_out)
         return _backward(ctx, grad_out)
+
+
+def _relu_bits(impl: str, x: Tensor, relu: bool) -> bool:
+    """Whether this ReLU's mask can be saved as bits: the extension's CPU kernels, whose bits ops take
+    runs (channels_last rows, NCHW planes) of a multiple of 8 elements."""
+    if not (relu and impl == "ext" and x.device.type == "cpu" and x.dtype in _BITS_DTYPES):
+        return False
+    run = x.shape[1] if kernel_format(x) == torch.channels_last else math.prod(x.shape[2:])
+    return run % 8 == 0
 
 
 def _backward(ctx, grad_out: Tensor):
@@ -63,4 +79,7 @@ def bn_act_fwd(impl: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     """dispatch.op(impl, "bn_act_fwd")(...), differentiable, with the lean eager autograd when it applies."""
     if torch.compiler.is_compiling():
         return dispatch.op(impl, "bn_act_fwd")(x, weight, bias, residual, eps, relu)
+    if _relu_bits(impl, x, relu):  # its autograd is C++ (csrc/ops.cpp)
+        out, mean, var, _ = dispatch.eager_op(impl, "bn_relu_bits_fwd")(x, weight, bias, residual, eps)
+        return out, mean, var
     return _BnAct.apply(impl, x, weight, bias, residual, eps, relu)

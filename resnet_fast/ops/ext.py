@@ -40,7 +40,7 @@ def _load() -> tuple[bool, str]:
         log.warning("resnet_fast: C++/CUDA extension unavailable (%s); using the Triton and torch paths", why)
         return False, why
     _op_meta.register("")  # fake kernels and autograd for the C++ ops
-    _op_meta.bump_versions("")  # their writes show in version counters
+    _op_meta.register_relu_bits()
     torch.library.register_fake("resnet_fast::max_pool_3x3s2", _max_pool_fake)  # CPU-only, inference-only
     return True, describe(build_info())
 

@@ -436,22 +436,6 @@ def test_ext_gradcheck_fp64(relu, fmt):
     assert torch.autograd.gradcheck(lambda *a: ops.bn_act_fwd(*a, 1e-5, relu)[0], inputs)
 
 
-def test_eager_backward_is_once_differentiable_under_create_graph():
-    # The eager Function skips once_differentiable on an ordinary backward; under create_graph=True the
-    # first-order grads must still be right and a second backward through them must raise, not return zeros.
-    skip_unless_usable("ext")
-    torch.manual_seed(3)
-    x = torch.randn(4, 8, 3, 3, requires_grad=True)
-    bn = make_bn(8)
-    with resnet_fast.use_backend("ext"):
-        loss = bn_act(x, bn, relu=True).square().sum()
-        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-        (plain,) = torch.autograd.grad(bn_act(x, copy.deepcopy(bn), relu=True).square().sum(), x)
-    torch.testing.assert_close(grad, plain)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad.sum().backward()
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", FORMATS)

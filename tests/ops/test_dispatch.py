@@ -111,7 +111,7 @@ def test_train_block_reaches_the_extension_bn_op_in_at_most_5_frames():
 
     class Recording(Spy):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) == "resnet_fast.bn_act_fwd":
+            if str(func.overloadpacket) in ("resnet_fast.bn_act_fwd", "resnet_fast.bn_relu_bits_fwd"):
                 stacks.append(traceback.extract_stack()[:-1])
             return super().__torch_dispatch__(func, types, args, kwargs)
 
