@@ -264,12 +264,11 @@ void channel_sums(const ChannelView& v, const Terms& terms,
     return;
   }
 
-  // channels_last: blocks of whole rows, read front to back (streaming; a tile of a few channels
-  // over many rows reads two cache lines per 1 KB row and ran ~25% slower per byte than eager). A
-  // block's running sums are one row of fp32 partials (2*C values, L1-resident); the blocks' partials
-  // are merged in fp64, in parallel over channels. Block height depends on the shape alone, so results
-  // do not depend on the thread count: about 64 blocks, of 8 to 1024 rows. Nothing runs on one thread
-  // but the calls: a serial zero-fill and merge of 200 blocks x C cost ~0.1 ms a call (resnet50, batch 32).
+  // channels_last: blocks of whole rows, read front to back as one stream per tensor (as aten's
+  // kernels read them). A block's running sums are one row of fp32 partials (2*C values, L1-resident);
+  // the blocks' partials are merged in fp64, in parallel over channels (a serial merge would leave the
+  // other threads idle). Block height depends on the shape alone, so results do not depend on the
+  // thread count: about 64 blocks, of 8 to 1024 rows.
   const int64_t rows = std::clamp<int64_t>((v.outer + 63) / 64, 8, 1024);
   const int64_t blocks = (v.outer + rows - 1) / rows;
   const int64_t vec_end = C / S::kSize * S::kSize;
