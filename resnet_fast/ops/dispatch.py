@@ -42,7 +42,8 @@ IMPLS = {
 #        forward+backward (what training runs): ext wins 4/8 (fp32 NCHW up to 1.6x), eager ahead on most
 #        bf16 shapes: mixed, ext kept as the fp32 winner; add_relu: eager ahead 8/8, so torch. bn_act in a
 #        whole training step (what the "auto" CPU row is for): README's CPU training table, 2026-12-03
-#        (AVX-512 CPU, the kernels' AVX-512 variant, channels_last inside). Every C++ CPU figure before
+#        at 2ab36ad (AVX-512 CPU, the kernels' AVX-512 variant, channels_last inside, the ReLU mask as bits):
+#        0.96-1.05x eager channels_last, below 1.00x only resnet50 fp32 batch 8. Every C++ CPU figure before
 #        2026-12-03's -fopenmp build ran the kernels on one thread (at::parallel_for compiled without
 #        OpenMP) against 2-thread eager ops: the per-op rows above are from that build. (The
 #        earlier ops_cpu_2026-11-27{,_1thread,_add_relu_2thread_rerun}.json ran under heavy load on the
