@@ -231,6 +231,27 @@ def test_versions_bump_on_every_resnet_fast_write(any_backend):
         seen = now
 
 
+def test_every_mutating_extension_op_bumps_what_it_writes():
+    """The extension's in-place and out= ops bump the version counter of each tensor they write (their
+    ADInplaceOrView kernel is C++, csrc/ops.cpp, with its own list of names: it must cover MUTATING)."""
+    skip_unless_usable("ext")
+    from resnet_fast.ops._op_meta import MUTATING
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    s, b = torch.rand(4) + 0.5, torch.randn(4)
+    args = {"add_relu_out": lambda: (x, r, torch.empty_like(x)), "add_relu_": lambda: (x.clone(), r),
+            "scale_bias_act_out": lambda: (x, s, b, r, True, torch.empty_like(x)),
+            "scale_bias_act_": lambda: (x.clone(), s, b, r, True),
+            "bn_update_stats_": lambda: (torch.zeros(4), torch.ones(4), s, b.abs(), 0.1, 18)}
+    assert set(args) == set(MUTATING)
+    for name in MUTATING:
+        op = getattr(torch.ops.resnet_fast, name).default
+        call = args[name]()
+        written = [call[i] for i, a in enumerate(op._schema.arguments) if a.alias_info and a.alias_info.is_write]
+        before = [t._version for t in written]
+        op(*call)
+        assert [t._version for t in written] == [v + 1 for v in before], name
+
+
 def _imports(module: str) -> set[str]:
     """The resnet_fast modules `module` imports anywhere in its source (lazy imports included)."""
     import ast
