@@ -1,12 +1,16 @@
-"""Where a CPU training step spends its time: torch.profiler's per-op table for one step (forward,
-cross-entropy, backward, SGD) of resnet_fast and torchvision, eager NCHW and channels_last.
+"""Where a CPU training step spends its time: torch.profiler's per-op self time in a step (forward,
+cross-entropy, backward, SGD) of resnet_fast and torchvision, eager NCHW and channels_last. The kinds
+take turns for --profiled steps each; the table gives each op's median self time per step (one step
+alone moves by several ms per op on a shared machine).
 
     python benchmarks/profile_train_step.py --arch resnet18 --batch-size 8 --img-size 112 --dtype fp32
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import statistics
 import time
 
 import torch
@@ -46,6 +50,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--kinds", default="tv,tvcl,rf,rfcl", help=f"from {', '.join(KINDS)}")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profiled", type=int, default=6, help="profiled steps per kind, interleaved")
     p.add_argument("--rows", type=int, default=20)
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -64,11 +69,26 @@ def main() -> None:
             times[k].append(time.perf_counter() - t)
     for k, ts in times.items():
         print(f"{k}: median {1000 * sorted(ts)[len(ts) // 2]:.1f} ms per step")
-    for k, step in steps.items():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        print(f"===== {k}")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    self_ms = {k: collections.defaultdict(list) for k in steps}  # op -> self ms in each profiled step
+    calls = {k: {} for k in steps}
+    totals = {k: [] for k in steps}
+    for _ in range(args.profiled):
+        for k, step in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            events = prof.key_averages()
+            for e in events:
+                self_ms[k][e.key].append(e.self_cpu_time_total / 1e3)
+                calls[k][e.key] = e.count
+            totals[k].append(sum(e.self_cpu_time_total for e in events) / 1e3)
+    for k in steps:
+        print(f"===== {k}: median self time per step over {args.profiled} profiled steps, "
+              f"total {statistics.median(totals[k]):.1f} ms")
+        # An op absent from a step counts 0 ms there.
+        rows = sorted(((statistics.median(v + [0.0] * (args.profiled - len(v))), name)
+                       for name, v in self_ms[k].items()), reverse=True)[:args.rows]
+        for ms, name in rows:
+            print(f"{ms:10.2f} ms  {calls[k][name]:5d} calls  {name}")
 
 
 if __name__ == "__main__":
