@@ -89,7 +89,8 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // bn_relu_bits_fwd's autograd, in C++: eager CPU training's BN+ReLU node then runs no Python (the
-// Python autograd.Function around bn_act_fwd costs ~50 us a call each way, with the GIL).
+// Python autograd.Function around bn_act_fwd showed 80 us forward and 230 us backward of node self time
+// per call in a resnet50 profile; this node 24 us: README's CPU training section).
 struct BnReluBitsFunction : public torch::autograd::Function<BnReluBitsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const std::optional<at::Tensor>& weight,

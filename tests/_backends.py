@@ -16,6 +16,17 @@ BACKENDS = ("torch", "ext", "triton")
 FAMILIES = ("ext", "triton")  # the backends whose ops share the C++ schemas
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def _cpu_has_avx512() -> bool:
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+# The C++ CPU kernels' variants, for RESNET_FAST_CPU_ISA (one per process: tests run them in subprocesses).
+CPU_ISAS = [pytest.param("avx2"),
+            pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has_avx512(),
+                                                            reason="CPU lacks AVX-512: that variant cannot run here"))]
 # The Triton conv's dtypes on DEVICE: bf16 on a GPU only (the interpreter's bf16 tl.dot is broken).
 KERNEL_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
                  pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)]

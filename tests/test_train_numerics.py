@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from _backends import CPU_ISAS
 from resnet_fast.numerics import within_2x
 
 torchvision = pytest.importorskip("torchvision")
@@ -74,16 +75,7 @@ def _ext_loaded() -> bool:
     return ext.available("cpu")
 
 
-def _cpu_has_avx512() -> bool:
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
-
-
-ISAS = [pytest.param("avx2"),
-        pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has_avx512(), reason="CPU lacks AVX-512"))]
-
-
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_one_sgd_step_within_2x_of_eager(dtype_name, isa, tmp_path):
     if not _ext_loaded():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast
-from _backends import skip_unless_usable
+from _backends import CPU_ISAS, skip_unless_usable
 from resnet_fast.ops.bn_act import bn_act
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
@@ -79,13 +79,7 @@ def check_bits_ops_equal_bn_act_ops() -> int:
     return n
 
 
-def _cpu_has_avx512() -> bool:
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
-
-
-@pytest.mark.parametrize("isa", ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(
-    not _cpu_has_avx512(), reason="CPU lacks AVX-512: the AVX-512 variant cannot run here"))])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_bits_ops_equal_bn_act_ops(isa):
     skip_unless_usable("ext")
     code = ("import sys, torch; sys.path[:0] = [{here!r}, {parent!r}]; import resnet_fast.ops.ext; "
