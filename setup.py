@@ -27,7 +27,7 @@ ROOT = Path(__file__).parent.resolve()
 DEFAULT_ARCHS = "8.0;9.0+PTX"
 # avx512.cpp recompiles the BN/elementwise kernels for AVX-512 and must stay last (see its header).
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/elementwise.cpp", "csrc/cpu/batch_norm.cpp", "csrc/cpu/pool.cpp",
-               "csrc/cpu/isa.cpp", "csrc/cpu/avx512.cpp"]
+               "csrc/cpu/isa.cpp", "csrc/cpu/output_pool.cpp", "csrc/cpu/avx512.cpp"]
 CUDA_SOURCES = ["csrc/cuda/ops.cu"]
 GENERATED = ROOT / "build" / "generated"
 

@@ -84,7 +84,13 @@ inline at::Tensor as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc)
   return p->to(acc).contiguous();
 }
 
+namespace cpu {
+// A CPU tensor whose storage, from 1 MiB up, comes from the pool of freed outputs (cpu/output_pool.cpp).
+at::Tensor empty_output(at::IntArrayRef sizes, at::ScalarType dtype, at::MemoryFormat fmt);
+}  // namespace cpu
+
 inline at::Tensor empty_in(const at::Tensor& like, at::MemoryFormat fmt) {
+  if (like.is_cpu()) return cpu::empty_output(like.sizes(), like.scalar_type(), fmt);
   return at::empty(like.sizes(), like.options().memory_format(fmt));
 }
 
