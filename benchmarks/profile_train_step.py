@@ -1,7 +1,9 @@
 """Where a CPU training step spends its time: torch.profiler's per-op self time in a step (forward,
 cross-entropy, backward, SGD) of resnet_fast and torchvision, eager NCHW and channels_last. The kinds
 take turns for --profiled steps each; the table gives each op's median self time per step (one step
-alone moves by several ms per op on a shared machine).
+alone moves by several ms per op on a shared machine). The unprofiled rounds also count the page faults
+of each step (getrusage's minor faults): memory malloc handed back to the kernel and took again, a cost
+no op's self time shows on its own (~1 us a 4 KiB page on a VM).
 
     python benchmarks/profile_train_step.py --arch resnet18 --batch-size 8 --img-size 112 --dtype fp32
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import resource
 import statistics
 import time
 
@@ -62,13 +65,17 @@ def main() -> None:
     for step in steps.values():
         step(), step()
     times = {k: [] for k in steps}
+    faults = {k: [] for k in steps}
     for _ in range(args.rounds):  # interleaved rounds
         for k, step in steps.items():
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             step()
             times[k].append(time.perf_counter() - t)
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     for k, ts in times.items():
-        print(f"{k}: median {1000 * sorted(ts)[len(ts) // 2]:.1f} ms per step")
+        print(f"{k}: median {1000 * statistics.median(ts):.1f} ms per step, "
+              f"{statistics.median(faults[k]):.0f} page faults per step (median)")
     self_ms = {k: collections.defaultdict(list) for k in steps}  # op -> self ms in each profiled step
     calls = {k: {} for k in steps}
     totals = {k: [] for k in steps}
