@@ -3,7 +3,7 @@ cross-entropy, backward, SGD) of resnet_fast and torchvision, eager NCHW and cha
 take turns for --profiled steps each; the table gives each op's median self time per step (one step
 alone moves by several ms per op on a shared machine). The unprofiled rounds also count the page faults
 of each step (getrusage's minor faults): memory malloc handed back to the kernel and took again, a cost
-no op's self time shows on its own (~1 us a 4 KiB page on a VM).
+paid inside whichever op first writes the page.
 
     python benchmarks/profile_train_step.py --arch resnet18 --batch-size 8 --img-size 112 --dtype fp32
 """

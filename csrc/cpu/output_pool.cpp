@@ -2,13 +2,14 @@
 //
 // glibc returns large freed blocks to the kernel (munmap above the mmap threshold, heap trimming
 // below it), so the next training step's outputs of the same sizes start on fresh pages: one page
-// fault per 4 KiB, ~1 us each on a VM (perf record -e page-faults, resnet50 batch 8: ~57k faults a
-// step, a quarter of them in these ops' output writes). A training loop asks for the same sizes
+// fault per 4 KiB, paid inside the ops (benchmarks/results/..._profile_resnet50_b8_160_fp32_at_7bf50de.txt
+// counts the faults per step with and without this pool). A training loop asks for the same sizes
 // every step, so a freed output is kept, keyed by its size, and handed to the next request of that
 // size: its pages stay mapped. Idle buffers are capped at RESNET_FAST_CPU_POOL_MB (default 2048; 0
 // turns the pool off), least recently freed first out; _cpu_output_pool_release frees them all.
 #include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
@@ -16,8 +17,7 @@
 #include <list>
 #include <map>
 #include <mutex>
-
-#include "kernels.h"
+#include <vector>
 
 namespace resnet_fast::cpu {
 namespace {
