@@ -3,9 +3,10 @@ save last.pt at that exact position and exit 143/130; a second signal exits at o
 
 No sleeps that race: one training image is a FIFO, so the run blocks inside a known step until the
 test has sent its signals and then writes the image. The step in flight is then known exactly. The
-debounce test holds its step in Python instead (a sitecustomize hook around torchvision's image
-loader): Python runs a signal's handler only between bytecodes, which a read blocked on a FIFO may
-never reach, and that test needs the first handler to have run before it sends the second signal.
+tests that need a handler to run while the step is held (the debounce and the second signal) hold it
+in Python instead (a sitecustomize hook around torchvision's image loader): Python runs a signal's
+handler only between bytecodes, which a read blocked on a FIFO may never reach (the signal can land
+on another thread), and they time the second signal from the first handler's line on stderr.
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def _finish_step(fd: int, content: bytes) -> None:
 def _wait(proc: subprocess.Popen, tmp_path: Path) -> tuple[int, str, str]:
     try:
         rc = proc.wait(timeout=300)
-    finally:
+    except subprocess.TimeoutExpired:
         proc.kill()
+        pytest.fail("the run did not exit within 300 s:\n" + "\n".join(_outputs(tmp_path)))
     return (rc, *_outputs(tmp_path))
 
 
@@ -163,19 +165,26 @@ def _until(condition, proc: subprocess.Popen, tmp_path: Path, what: str, timeout
         time.sleep(0.002)
 
 
+def _start_held(root: Path, step: int, argv: list, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Start a run on `root` that holds (in Python, see _HOLD_HOOK) at the first image of `step`;
+    returns once it is held there, with the process and that image."""
+    image = _image_at_step(root, step=step, per_rank_batch=8)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_HOOK)
+    proc = _start([*argv, "--data", root], tmp_path, PYTHONPATH=f"{hook}{os.pathsep}{REPO}",
+                  RESNET_FAST_TEST_HOLD=str(image))
+    _until(Path(f"{image}.reached").exists, proc, tmp_path, f"step {step}")
+    return proc, image
+
+
 def test_a_second_signal_within_the_debounce_window_is_the_same_request(tmp_path):
     """The first SIGTERM's handler has run (its line is on stderr) when a second SIGTERM arrives, well
     inside DEBOUNCE_S: the run still finishes step 3, saves it and exits 143. Without the debounce the
     second signal would kill the run (status -15)."""
     root = _image_folder(tmp_path / "data", per_class=8)
-    image = _image_at_step(root, step=3, per_rank_batch=8)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_HOLD_HOOK)
     out = tmp_path / "run"
-    proc = _start([*FAST, "--batch-size", "8", "--data", root, "--output-dir", out], tmp_path,
-                  PYTHONPATH=f"{hook}{os.pathsep}{REPO}", RESNET_FAST_TEST_HOLD=str(image))
-    _until(Path(f"{image}.reached").exists, proc, tmp_path, "step 3")
+    proc, image = _start_held(root, 3, [*FAST, "--batch-size", "8", "--output-dir", out], tmp_path)
     first = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _until(lambda: "SIGTERM received" in _outputs(tmp_path)[1], proc, tmp_path, "the first signal's handler")
@@ -195,16 +204,18 @@ def test_a_second_signal_within_the_debounce_window_is_the_same_request(tmp_path
 
 
 def test_second_signal_exits_at_once_and_keeps_the_last_complete_save(tmp_path):
+    """Step 4 is held in Python (the hook), so both handlers run as the signals arrive. The second
+    SIGINT goes DEBOUNCE_S + 0.2 s after the first handler's line is on stderr, so it is a new
+    request however late that handler ran: the run dies by SIGINT, last.pt stays the step-2 save."""
     root = _image_folder(tmp_path / "data", per_class=8)
-    fifo, _ = _block_at_step(root, step=4, per_rank_batch=8)
     out = tmp_path / "run"
-    proc = _start([*FAST, "--batch-size", "8", "--save-every", "2", "--data", root, "--output-dir", out], tmp_path)
-    fd = _open_writer(fifo, proc, tmp_path)  # inside step 4: steps 1-3 done, step 2 saved
+    proc, image = _start_held(root, 4, [*FAST, "--batch-size", "8", "--save-every", "2", "--output-dir", out],
+                              tmp_path)  # held inside step 4: steps 1-3 done, step 2 saved
     proc.send_signal(signal.SIGINT)
-    time.sleep(stop.DEBOUNCE_S + 0.2)  # a lower bound, not a race: the run waits on the FIFO meanwhile
+    _until(lambda: "SIGINT received" in _outputs(tmp_path)[1], proc, tmp_path, "the first signal's handler")
+    time.sleep(stop.DEBOUNCE_S + 0.2)
     proc.send_signal(signal.SIGINT)
     rc, stdout, stderr = _wait(proc, tmp_path)
-    os.close(fd)
 
     assert rc == -signal.SIGINT, stdout + stderr  # killed by the signal: status 130 in a shell
     assert "second signal (SIGINT): exiting at once" in stderr and "Traceback" not in stderr
