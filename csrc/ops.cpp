@@ -71,6 +71,15 @@ TORCH_LIBRARY(resnet_fast, m) {
       "Tensor var, float eps, bool residual_grad) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");  // CPU only
   m.def(
+      "bn2_relu_bits_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor shortcut, "
+      "Tensor? shortcut_weight, Tensor? shortcut_bias, float shortcut_eps) -> (Tensor out, Tensor mean, "
+      "Tensor var, Tensor shortcut_mean, Tensor shortcut_var, Tensor relu_bits)");  // CPU only
+  m.def(
+      "bn2_relu_bits_bwd(Tensor grad_out, Tensor relu_bits, Tensor x, Tensor? weight, Tensor mean, Tensor var, "
+      "float eps, Tensor shortcut, Tensor? shortcut_weight, Tensor shortcut_mean, Tensor shortcut_var, "
+      "float shortcut_eps) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_shortcut, "
+      "Tensor grad_shortcut_weight, Tensor grad_shortcut_bias)");  // CPU only
+  m.def(
       "bn_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "float momentum, int count) -> ()");
   m.def("max_pool_3x3s2(Tensor x) -> Tensor");  // CPU only (cpu/pool.cpp); CUDA uses Triton's
@@ -88,6 +97,26 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Under create_graph=True: the grads come back differentiable-looking, and a backward through them
+// raises, as Python's @once_differentiable does (the kernels have no double backward).
+variable_list once_differentiable(variable_list grads, const char* op) {
+  variable_list inputs;
+  for (const auto& g : grads) {
+    if (g.defined()) inputs.push_back(g.detach().requires_grad_(true));
+  }
+  auto err = std::make_shared<torch::autograd::DelayedError>(
+      std::string("resnet_fast: ") + op + " has no double backward (its backward is once_differentiable)",
+      static_cast<int64_t>(inputs.size()));
+  auto wrapped = err->apply(std::move(inputs));
+  size_t i = 0;
+  for (auto& g : grads) {
+    if (g.defined()) g = wrapped[i++];
+  }
+  return grads;
+}
+
 // bn_relu_bits_fwd's autograd, in C++: eager CPU training's BN+ReLU node then runs no Python (the
 // Python autograd.Function around bn_act_fwd showed 80 us forward and 230 us backward of node self time
 // per call in a resnet50 profile; this node 24 us: README's CPU training section).
@@ -101,7 +130,6 @@ struct BnReluBitsFunction : public torch::autograd::Function<BnReluBitsFunction>
                                .findSchemaOrThrow("resnet_fast::bn_relu_bits_fwd", "")
                                .typed<decltype(impl::bn_relu_bits_fwd<CpuKernels>)>();
     auto [out, mean, var, bits] = op.call(x, weight, bias, residual, eps);
-    const auto present = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
     ctx->save_for_backward({x, bits, present(weight) ? *weight : at::Tensor(), mean, var});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["weight"] = present(weight);
@@ -137,26 +165,8 @@ struct BnReluBitsFunction : public torch::autograd::Function<BnReluBitsFunction>
                          need_w ? gw.to(weight.scalar_type()) : at::Tensor(),
                          need_b ? gb.to(ctx->saved_data["bias_dtype"].toScalarType()) : at::Tensor(),
                          need_r ? gr : at::Tensor(), at::Tensor()};
-    if (at::GradMode::is_enabled()) return once_differentiable(std::move(out));
+    if (at::GradMode::is_enabled()) return once_differentiable(std::move(out), "bn_relu_bits_fwd");
     return out;
-  }
-
-  // Under create_graph=True: the grads come back differentiable-looking, and a backward through them
-  // raises, as Python's @once_differentiable does (the kernels have no double backward).
-  static variable_list once_differentiable(variable_list grads) {
-    variable_list inputs;
-    for (const auto& g : grads) {
-      if (g.defined()) inputs.push_back(g.detach().requires_grad_(true));
-    }
-    auto err = std::make_shared<torch::autograd::DelayedError>(
-        "resnet_fast: bn_relu_bits_fwd has no double backward (its backward is once_differentiable)",
-        static_cast<int64_t>(inputs.size()));
-    auto wrapped = err->apply(std::move(inputs));
-    size_t i = 0;
-    for (auto& g : grads) {
-      if (g.defined()) g = wrapped[i++];
-    }
-    return grads;
   }
 };
 
@@ -165,6 +175,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_bits_fwd_auto
     const std::optional<at::Tensor>& residual, double eps) {
   auto outs = BnReluBitsFunction::apply(x, weight, bias, residual, eps);
   return {outs[0], outs[1], outs[2], outs[3]};
+}
+
+// bn2_relu_bits_fwd's autograd, in C++ as BnReluBitsFunction's: both BNs' gradients from one node.
+struct Bn2ReluBitsFunction : public torch::autograd::Function<Bn2ReluBitsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps, const at::Tensor& shortcut,
+                               const std::optional<at::Tensor>& shortcut_weight,
+                               const std::optional<at::Tensor>& shortcut_bias, double shortcut_eps) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::bn2_relu_bits_fwd", "")
+                               .typed<decltype(impl::bn2_relu_bits_fwd<CpuKernels>)>();
+    auto [out, mean, var, s_mean, s_var, bits] =
+        op.call(x, weight, bias, eps, shortcut, shortcut_weight, shortcut_bias, shortcut_eps);
+    ctx->save_for_backward({x, present(weight) ? *weight : at::Tensor(), mean, var, shortcut,
+                            present(shortcut_weight) ? *shortcut_weight : at::Tensor(), s_mean, s_var, bits});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["shortcut_eps"] = shortcut_eps;
+    // Which optional inputs forward got, and the dtypes their gradients return in.
+    for (const auto& [name, t] : {std::pair{"weight", &weight}, {"bias", &bias}, {"shortcut_weight", &shortcut_weight},
+                                  {"shortcut_bias", &shortcut_bias}}) {
+      ctx->saved_data[name] = present(*t);
+      ctx->saved_data[std::string(name) + "_dtype"] = present(*t) ? (*t)->scalar_type() : at::kFloat;
+    }
+    ctx->mark_non_differentiable({mean, var, s_mean, s_var, bits});
+    return {out, mean, var, s_mean, s_var, bits};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const at::Tensor &shortcut = saved[4], &s_weight = saved[5], &s_mean = saved[6], &s_var = saved[7];
+    const at::Tensor& bits = saved[8];
+    const auto has = [&](const char* name) { return ctx->saved_data[name].toBool(); };
+    at::Tensor gx, gw, gb, gs, gsw, gsb;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("resnet_fast::bn2_relu_bits_bwd", "")
+                                 .typed<decltype(impl::bn2_relu_bits_bwd<CpuKernels>)>();
+      const auto opt = [](bool on, const at::Tensor& t) { return on ? std::optional<at::Tensor>(t) : std::nullopt; };
+      std::tie(gx, gw, gb, gs, gsw, gsb) =
+          op.call(grads[0], bits, x, opt(has("weight"), weight), mean, var, ctx->saved_data["eps"].toDouble(),
+                  shortcut, opt(has("shortcut_weight"), s_weight), s_mean, s_var,
+                  ctx->saved_data["shortcut_eps"].toDouble());
+    }
+    // Edges exist for the tensors forward got: x, weight, bias (when present), shortcut, then its two.
+    size_t edge = 0;
+    const auto grad = [&](bool given, const at::Tensor& g, const char* dtype_of) {
+      if (!given || !ctx->needs_input_grad(edge++)) return at::Tensor();
+      return dtype_of == nullptr ? g : g.to(ctx->saved_data[dtype_of].toScalarType());
+    };
+    // Evaluated in edge order (braced lists evaluate left to right).
+    variable_list out{grad(true, gx, nullptr), grad(has("weight"), gw, "weight_dtype"),
+                      grad(has("bias"), gb, "bias_dtype"), at::Tensor(), grad(true, gs, nullptr),
+                      grad(has("shortcut_weight"), gsw, "shortcut_weight_dtype"),
+                      grad(has("shortcut_bias"), gsb, "shortcut_bias_dtype"), at::Tensor()};
+    if (at::GradMode::is_enabled()) return once_differentiable(std::move(out), "bn2_relu_bits_fwd");
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn2_relu_bits_fwd_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    const at::Tensor& shortcut, const std::optional<at::Tensor>& shortcut_weight,
+    const std::optional<at::Tensor>& shortcut_bias, double shortcut_eps) {
+  auto outs = Bn2ReluBitsFunction::apply(x, weight, bias, eps, shortcut, shortcut_weight, shortcut_bias, shortcut_eps);
+  return {outs[0], outs[1], outs[2], outs[3], outs[4], outs[5]};
 }
 
 // The ADInplaceOrView kernel of the ops that write their (a!) arguments: run the op, then bump the
@@ -186,7 +264,10 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) { m.impl("bn_relu_bits_fwd", &bn_relu_bits_fwd_autograd); }
+TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
+  m.impl("bn_relu_bits_fwd", &bn_relu_bits_fwd_autograd);
+  m.impl("bn2_relu_bits_fwd", &bn2_relu_bits_fwd_autograd);
+}
 
 TORCH_LIBRARY_IMPL(resnet_fast, ADInplaceOrView, m) {
   for (const char* name : {"add_relu_out", "add_relu_", "scale_bias_act_out", "scale_bias_act_", "bn_update_stats_"}) {

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace resnet_fast {
@@ -41,6 +42,17 @@ inline ChannelView channel_view(const at::Tensor& x, at::MemoryFormat fmt) {
   for (int64_t d = 2; d < x.dim(); ++d) inner *= x.size(d);
   return {x.size(0), C, inner, false};
 }
+
+// One training BN of the two that bn2_relu_bits_fwd/bwd sum: its input, affine parameters (undefined:
+// absent) and eps, and its batch mean and biased variance (outputs of the forward, inputs of the backward).
+struct BnArgs {
+  at::Tensor x, weight, bias, mean, var;
+  double eps;
+};
+// A BN's gradients, written by the backward: its input's, weight's and bias's.
+struct BnGrads {
+  at::Tensor x, weight, bias;
+};
 
 // fp64 inputs accumulate in fp64, everything else in fp32.
 inline at::ScalarType acc_type(at::ScalarType t) {
@@ -226,20 +238,34 @@ inline void check_relu_bits_input(const at::Tensor& x) {
 
 inline int64_t relu_bits_bytes(const at::Tensor& x) { return (x.numel() + 7) / 8; }
 
+inline void check_relu_bits(const at::Tensor& relu_bits, const at::Tensor& x, const char* forward) {
+  TORCH_CHECK(relu_bits.scalar_type() == at::kByte && relu_bits.dim() == 1 &&
+                  relu_bits.numel() == relu_bits_bytes(x) && relu_bits.device() == x.device(),
+              "resnet_fast: relu_bits must be ", forward, "'s uint8 tensor of ", relu_bits_bytes(x),
+              " bytes on ", x.device(), ", got ", relu_bits.scalar_type(), " of shape ", relu_bits.sizes(),
+              " on ", relu_bits.device());
+}
+
+// The inputs of a BN in training (batch statistics): x, its optional affine parameters and eps.
+inline void check_bn_train(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, double eps, const char* name = "x") {
+  check_channels_input(x);
+  TORCH_CHECK(values_per_channel(x) > 1, "resnet_fast: batch norm in training needs more than 1 value per "
+              "channel, got ", name, " of shape ", x.sizes());
+  const std::string prefix = std::string(name) == "x" ? "" : std::string(name) + "_";  // shortcut_weight, ...
+  if (weight.has_value()) check_per_channel(*weight, x, (prefix + "weight").c_str());
+  if (bias.has_value()) check_per_channel(*bias, x, (prefix + "bias").c_str());
+  TORCH_CHECK(eps >= 0, "resnet_fast: ", prefix, "eps must be >= 0, got ", eps);
+}
+
 // kBits: also return the ReLU mask as bits (CPU kernels only; CUDA's K::bn_forward has no such argument).
 template <class K, bool kBits>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_forward_op(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, double eps,
     bool relu) {
-  check_channels_input(x);
-  TORCH_CHECK(values_per_channel(x) > 1,
-              "resnet_fast: batch norm in training needs more than 1 value per channel, got x of "
-              "shape ", x.sizes());
-  if (weight.has_value()) check_per_channel(*weight, x, "weight");
-  if (bias.has_value()) check_per_channel(*bias, x, "bias");
+  check_bn_train(x, weight, bias, eps);
   if (residual.has_value()) check_like(*residual, x, "residual");
-  TORCH_CHECK(eps >= 0, "resnet_fast: eps must be >= 0, got ", eps);
   if constexpr (kBits) check_relu_bits_input(x);
   typename K::Guard guard(x.device());
   const auto fmt = kernel_format(x);
@@ -288,11 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward_op(
   check_like(grad_out, x, "grad_out");
   if constexpr (kBits) {
     check_relu_bits_input(x);
-    TORCH_CHECK(relu_bits.scalar_type() == at::kByte && relu_bits.dim() == 1 &&
-                    relu_bits.numel() == relu_bits_bytes(x) && relu_bits.device() == x.device(),
-                "resnet_fast: relu_bits must be bn_relu_bits_fwd's uint8 tensor of ", relu_bits_bytes(x),
-                " bytes on ", x.device(), ", got ", relu_bits.scalar_type(), " of shape ", relu_bits.sizes(),
-                " on ", relu_bits.device());
+    check_relu_bits(relu_bits, x, "bn_relu_bits_fwd");
   } else {
     check_like(out, x, "out");
   }
@@ -337,6 +359,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_bits_bwd(
     double eps, bool residual_grad) {
   return bn_backward_op<K, true>(grad_out, x, at::Tensor(), relu_bits, weight, mean, var, eps, true,
                            residual_grad);
+}
+
+// relu(batch_norm(x) + batch_norm(shortcut)), each BN with its own batch statistics: the end of a
+// block with a projection shortcut in one op. Returns the output, each BN's batch mean and biased
+// variance, and the ReLU mask as bits for bn2_relu_bits_bwd.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn2_relu_bits_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, const at::Tensor& shortcut, const std::optional<at::Tensor>& shortcut_weight,
+    const std::optional<at::Tensor>& shortcut_bias, double shortcut_eps) {
+  check_bn_train(x, weight, bias, eps);
+  check_like(shortcut, x, "shortcut");
+  check_bn_train(shortcut, shortcut_weight, shortcut_bias, shortcut_eps, "shortcut");
+  check_relu_bits_input(x);
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  const auto acc = acc_type(x.scalar_type());
+  const auto stat = [&] { return at::empty({x.size(1)}, x.options().dtype(acc)); };
+  auto out = empty_in(x, fmt);
+  auto bits = at::empty({relu_bits_bytes(x)}, x.options().dtype(at::kByte));
+  const BnArgs main{x.contiguous(fmt), as_acc(weight, acc), as_acc(bias, acc), stat(), stat(), eps};
+  const BnArgs side{shortcut.contiguous(fmt), as_acc(shortcut_weight, acc), as_acc(shortcut_bias, acc), stat(),
+                    stat(), shortcut_eps};
+  K::bn2_forward(main, side, out, bits);
+  return {out, main.mean, main.var, side.mean, side.var, bits};
+}
+
+// Gradients of bn2_relu_bits_fwd: x's, weight's and bias's, then the shortcut's three.
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn2_relu_bits_bwd(
+    const at::Tensor& grad_out, const at::Tensor& relu_bits, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps,
+    const at::Tensor& shortcut, const std::optional<at::Tensor>& shortcut_weight, const at::Tensor& shortcut_mean,
+    const at::Tensor& shortcut_var, double shortcut_eps) {
+  check_bn_train(x, weight, std::nullopt, eps);
+  check_like(grad_out, x, "grad_out");
+  check_like(shortcut, x, "shortcut");
+  check_bn_train(shortcut, shortcut_weight, std::nullopt, shortcut_eps, "shortcut");
+  check_relu_bits_input(x);
+  check_relu_bits(relu_bits, x, "bn2_relu_bits_fwd");
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&var, "var"}, {&shortcut_mean, "shortcut_mean"},
+                                {&shortcut_var, "shortcut_var"}}) {
+    check_per_channel(*t, x, name);
+  }
+  typename K::Guard guard(x.device());
+  const auto fmt = kernel_format(x);
+  const auto acc = acc_type(x.scalar_type());
+  const auto grads = [&] {
+    return BnGrads{empty_in(x, fmt), at::empty({x.size(1)}, x.options().dtype(acc)),
+                   at::empty({x.size(1)}, x.options().dtype(acc))};
+  };
+  const BnGrads main_grads = grads(), side_grads = grads();
+  K::bn2_backward(grad_out.contiguous(fmt), relu_bits.contiguous(),
+                  {x.contiguous(fmt), as_acc(weight, acc), at::Tensor(), mean.to(acc).contiguous(),
+                   var.to(acc).contiguous(), eps},
+                  {shortcut.contiguous(fmt), as_acc(shortcut_weight, acc), at::Tensor(),
+                   shortcut_mean.to(acc).contiguous(), shortcut_var.to(acc).contiguous(), shortcut_eps},
+                  main_grads, side_grads);
+  return {main_grads.x, main_grads.weight, main_grads.bias, side_grads.x, side_grads.weight, side_grads.bias};
 }
 
 // running = (1 - momentum) * running + momentum * batch, with the unbiased
@@ -390,6 +471,8 @@ template <class K>
 void register_relu_bits_impls(torch::Library& m) {
   m.impl("bn_relu_bits_fwd", &bn_relu_bits_fwd<K>);
   m.impl("bn_relu_bits_bwd", &bn_relu_bits_bwd<K>);
+  m.impl("bn2_relu_bits_fwd", &bn2_relu_bits_fwd<K>);
+  m.impl("bn2_relu_bits_bwd", &bn2_relu_bits_bwd<K>);
 }
 
 }  // namespace impl

@@ -6,7 +6,9 @@
 // and may save the ReLU mask as bits (vec.h). Backward: one reduction pass for
 // sum(dz) and sum(dz*(x-mean)), dz being grad_out under the ReLU mask (from the
 // bits, else out > 0), then one elementwise pass for grad_x (and
-// grad_residual = dz).
+// grad_residual = dz). bn2_forward/bn2_backward do the same for relu(bn(x) + bn(shortcut)), a projection
+// block's end: a statistics pass per input, one normalize pass for both; a sums pass per input, one
+// pass writing both input gradients.
 #include <ATen/Dispatch.h>
 
 #include <cmath>
@@ -103,6 +105,54 @@ int64_t first_of_channel(const ChannelView& v, int64_t c) {
   return v.channels_last ? c : c * v.inner;
 }
 
+// x's batch mean and biased variance per channel, and the affine terms of its BN:
+// weight * (x - mean) / sqrt(var + eps) + bias == x * scale + shift.
+template <typename scalar_t>
+void batch_stats(const ChannelView& view, const scalar_t* xp, const at::Tensor& weight, const at::Tensor& bias,
+                 double eps, const at::Tensor& mean, const at::Tensor& var, at::opmath_type<scalar_t>* sp,
+                 at::opmath_type<scalar_t>* hp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = view.channels;
+  const double count = static_cast<double>(view.outer * view.inner);
+  std::vector<acc_t> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(xp[first_of_channel(view, c)]);
+  std::vector<double> s1(C), s2(C);
+  cpu::channel_sums<scalar_t>(view, StatsTerms<scalar_t>{xp}, k.data(), s1.data(), s2.data());
+
+  const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  acc_t* mp = mean.mutable_data_ptr<acc_t>();
+  acc_t* vp = var.mutable_data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = s1[c] / count;
+    const double m = static_cast<double>(k[c]) + d;
+    const double v = std::max(s2[c] / count - d * d, 0.0);
+    const double invstd = 1.0 / std::sqrt(v + eps);
+    const double a = (wp ? static_cast<double>(wp[c]) : 1.0) * invstd;
+    mp[c] = static_cast<acc_t>(m);
+    vp[c] = static_cast<acc_t>(v);
+    sp[c] = static_cast<acc_t>(a);
+    hp[c] = static_cast<acc_t>((bp ? static_cast<double>(bp[c]) : 0.0) - m * a);
+  }
+}
+
+// From a BN's gradient sums (sum dz, sum dz * (x - mean)): its weight and bias gradients, and the
+// coefficients of grad_x = a * dz + b * (x - mean) + d per channel.
+template <typename acc_t>
+void grad_coefficients(int64_t C, double count, const std::vector<double>& sum_dz,
+                       const std::vector<double>& sum_dz_xmu, const acc_t* vp, const acc_t* wp, double eps,
+                       acc_t* gwp, acc_t* gbp, acc_t* a, acc_t* b, acc_t* d) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(vp[c]) + eps);
+    const double w = wp ? static_cast<double>(wp[c]) : 1.0;
+    gwp[c] = static_cast<acc_t>(sum_dz_xmu[c] * invstd);
+    gbp[c] = static_cast<acc_t>(sum_dz[c]);
+    a[c] = static_cast<acc_t>(w * invstd);
+    b[c] = static_cast<acc_t>(-w * invstd * invstd * invstd * sum_dz_xmu[c] / count);
+    d[c] = static_cast<acc_t>(-w * invstd * sum_dz[c] / count);
+  }
+}
+
 }  // namespace
 
 template <>
@@ -111,35 +161,12 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_forward(const at::Tensor& x, const at::
                             const at::Tensor& out, const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& relu_bits) {
   const auto view = channel_view(x, kernel_format(out));
-  const int64_t C = view.channels;
-  const double count = static_cast<double>(view.outer * view.inner);
-  at::Tensor scale = at::empty({C}, mean.options());
-  at::Tensor shift = at::empty({C}, mean.options());
+  at::Tensor scale = at::empty({view.channels}, mean.options());
+  at::Tensor shift = at::empty({view.channels}, mean.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    std::vector<acc_t> k(C);
-    for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(xp[first_of_channel(view, c)]);
-    std::vector<double> s1(C), s2(C);
-    cpu::channel_sums<scalar_t>(view, StatsTerms<scalar_t>{xp}, k.data(), s1.data(), s2.data());
-
-    const acc_t* wp = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-    acc_t* mp = mean.mutable_data_ptr<acc_t>();
-    acc_t* vp = var.mutable_data_ptr<acc_t>();
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    acc_t* hp = shift.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = s1[c] / count;
-      const double m = static_cast<double>(k[c]) + d;
-      const double v = std::max(s2[c] / count - d * d, 0.0);
-      const double invstd = 1.0 / std::sqrt(v + eps);
-      const double a = (wp ? static_cast<double>(wp[c]) : 1.0) * invstd;
-      mp[c] = static_cast<acc_t>(m);
-      vp[c] = static_cast<acc_t>(v);
-      sp[c] = static_cast<acc_t>(a);
-      hp[c] = static_cast<acc_t>((bp ? static_cast<double>(bp[c]) : 0.0) - m * a);
-    }
+    batch_stats<scalar_t>(view, x.const_data_ptr<scalar_t>(), weight, bias, eps, mean, var,
+                          scale.mutable_data_ptr<acc_t>(), shift.mutable_data_ptr<acc_t>());
   });
   scale_bias_act(x, scale, shift, residual, relu, out, relu_bits);
 }
@@ -174,17 +201,8 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
 
     // grad_x = a * dz + b * (x - mean) + d per channel.
     std::vector<acc_t> a(C), b(C), d(C);
-    acc_t* gwp = grad_weight.mutable_data_ptr<acc_t>();
-    acc_t* gbp = grad_bias.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(static_cast<double>(vp[c]) + eps);
-      const double w = wp ? static_cast<double>(wp[c]) : 1.0;
-      gwp[c] = static_cast<acc_t>(sum_dz_xmu[c] * invstd);
-      gbp[c] = static_cast<acc_t>(sum_dz[c]);
-      a[c] = static_cast<acc_t>(w * invstd);
-      b[c] = static_cast<acc_t>(-w * invstd * invstd * invstd * sum_dz_xmu[c] / count);
-      d[c] = static_cast<acc_t>(-w * invstd * sum_dz[c] / count);
-    }
+    grad_coefficients(C, count, sum_dz, sum_dz_xmu, vp, wp, eps, grad_weight.mutable_data_ptr<acc_t>(),
+                      grad_bias.mutable_data_ptr<acc_t>(), a.data(), b.data(), d.data());
 
     scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
     scalar_t* grp = grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr;
@@ -220,6 +238,122 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
           }
         });
       });
+    });
+  });
+}
+
+// relu(x * scale + r * r_scale + (shift + r_shift)): both BNs, the add and the ReLU in one pass; the
+// ReLU mask saved as bits as in scale_bias_act.
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::bn2_forward(const BnArgs& main, const BnArgs& shortcut, const at::Tensor& out,
+                                                  const at::Tensor& relu_bits) {
+  const auto view = channel_view(main.x, kernel_format(out));
+  const int64_t C = view.channels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, main.x.scalar_type(), "bn2_forward_cpu", [&] {
+    using S = Step<scalar_t>;
+    using acc_t = typename S::acc_t;
+    const scalar_t* xp = main.x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = shortcut.x.const_data_ptr<scalar_t>();
+    std::vector<acc_t> sx(C), hx(C), sr(C), hr(C);
+    batch_stats<scalar_t>(view, xp, main.weight, main.bias, main.eps, main.mean, main.var, sx.data(), hx.data());
+    batch_stats<scalar_t>(view, rp, shortcut.weight, shortcut.bias, shortcut.eps, shortcut.mean, shortcut.var,
+                          sr.data(), hr.data());
+    for (int64_t c = 0; c < C; ++c) hx[c] += hr[c];
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = relu_bits.mutable_data_ptr<uint8_t>();
+    cpu::for_each_run(view, [&](int64_t off, int64_t n, int64_t c, auto per_lane) {
+      constexpr bool kLane = decltype(per_lane)::value;
+      const cpu::ChannelParam<scalar_t, kLane> ps(sx.data(), c), pr(sr.data(), c), ph(hx.data(), c);
+      int64_t j = 0;
+      for (; j + S::kSize <= n; j += S::kSize) {
+        S y = S::load(xp + off + j);
+        const S r = S::load(rp + off + j);
+        const auto& sv = ps.vec(j);
+        const auto& rv = pr.vec(j);
+        const auto& hv = ph.vec(j);
+        for (int k = 0; k < S::kParts; ++k) y.v[k] = cpu::relu_v(y.v[k] * sv.v[k] + r.v[k] * rv.v[k] + hv.v[k]);
+        y.store(op + off + j);
+        if constexpr (S::kReduced) y = S::load(op + off + j);  // the mask of the stored (rounded) output
+        for (int k = 0; k < S::kParts; ++k) {
+          cpu::store_bits<acc_t>(mp, off + j + k * S::AVec::size(), cpu::positive_bits(y.v[k]));
+        }
+      }
+      uint32_t byte = 0;  // the tail's bits, written a byte at a time
+      for (; j < n; ++j) {
+        const int64_t e = off + j;
+        const acc_t y = static_cast<acc_t>(xp[e]) * ps.at(j) + static_cast<acc_t>(rp[e]) * pr.at(j) + ph.at(j);
+        op[e] = static_cast<scalar_t>(cpu::relu_s(y));
+        byte |= static_cast<uint32_t>(static_cast<acc_t>(op[e]) > acc_t(0)) << (e % 8);
+        if (e % 8 == 7) {
+          mp[e / 8] = static_cast<uint8_t>(byte);
+          byte = 0;
+        }
+      }
+    });
+  });
+}
+
+// Both BNs' gradients from the one masked grad_out: a sums pass per BN input, then one pass writing
+// both input gradients.
+template <>
+void IsaKernels<RESNET_FAST_CPU_ISA>::bn2_backward(const at::Tensor& grad_out, const at::Tensor& relu_bits,
+                                                   const BnArgs& main, const BnArgs& shortcut,
+                                                   const BnGrads& main_grads, const BnGrads& shortcut_grads) {
+  const auto view = channel_view(main.x, kernel_format(main_grads.x));
+  const int64_t C = view.channels;
+  const double count = static_cast<double>(view.outer * view.inner);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, main.x.scalar_type(), "bn2_backward_cpu", [&] {
+    using S = Step<scalar_t>;
+    using acc_t = typename S::acc_t;
+    const MaskedGrad<scalar_t, Mask::kBits> masked{grad_out.const_data_ptr<scalar_t>(), nullptr,
+                                                   relu_bits.const_data_ptr<uint8_t>()};
+    const scalar_t* xp = main.x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = shortcut.x.const_data_ptr<scalar_t>();
+    const acc_t* mxp = main.mean.const_data_ptr<acc_t>();
+    const acc_t* mrp = shortcut.mean.const_data_ptr<acc_t>();
+    std::vector<double> sum_dz(C), sum_dz_xmu(C), sum_dz_again(C), sum_dz_rmu(C);
+    cpu::channel_sums<scalar_t>(view, GradTerms<scalar_t, Mask::kBits>{masked, xp}, mxp, sum_dz.data(),
+                                sum_dz_xmu.data());
+    cpu::channel_sums<scalar_t>(view, GradTerms<scalar_t, Mask::kBits>{masked, rp}, mrp, sum_dz_again.data(),
+                                sum_dz_rmu.data());
+    const auto weight_of = [](const BnArgs& bn) {
+      return bn.weight.defined() ? bn.weight.const_data_ptr<acc_t>() : nullptr;
+    };
+    std::vector<acc_t> ax(C), bx(C), dx(C), ar(C), br(C), dr(C);
+    grad_coefficients(C, count, sum_dz, sum_dz_xmu, main.var.const_data_ptr<acc_t>(), weight_of(main), main.eps,
+                      main_grads.weight.mutable_data_ptr<acc_t>(), main_grads.bias.mutable_data_ptr<acc_t>(),
+                      ax.data(), bx.data(), dx.data());
+    grad_coefficients(C, count, sum_dz, sum_dz_rmu, shortcut.var.const_data_ptr<acc_t>(), weight_of(shortcut),
+                      shortcut.eps, shortcut_grads.weight.mutable_data_ptr<acc_t>(),
+                      shortcut_grads.bias.mutable_data_ptr<acc_t>(), ar.data(), br.data(), dr.data());
+
+    scalar_t* gxp = main_grads.x.mutable_data_ptr<scalar_t>();
+    scalar_t* grp = shortcut_grads.x.mutable_data_ptr<scalar_t>();
+    cpu::for_each_run(view, [&](int64_t off, int64_t n, int64_t c, auto per_lane) {
+      constexpr bool kLane = decltype(per_lane)::value;
+      const cpu::ChannelParam<scalar_t, kLane> pax(ax.data(), c), pbx(bx.data(), c), pdx(dx.data(), c),
+          pmx(mxp, c), par(ar.data(), c), pbr(br.data(), c), pdr(dr.data(), c), pmr(mrp, c);
+      int64_t j = 0;
+      for (; j + S::kSize <= n; j += S::kSize) {
+        const S dz = masked.vec(off + j);
+        const S xv = S::load(xp + off + j);
+        const S rv = S::load(rp + off + j);
+        const auto &axv = pax.vec(j), &bxv = pbx.vec(j), &dxv = pdx.vec(j), &mxv = pmx.vec(j);
+        const auto &arv = par.vec(j), &brv = pbr.vec(j), &drv = pdr.vec(j), &mrv = pmr.vec(j);
+        S gx, gr;
+        for (int k = 0; k < S::kParts; ++k) {
+          gx.v[k] = axv.v[k] * dz.v[k] + bxv.v[k] * (xv.v[k] - mxv.v[k]) + dxv.v[k];
+          gr.v[k] = arv.v[k] * dz.v[k] + brv.v[k] * (rv.v[k] - mrv.v[k]) + drv.v[k];
+        }
+        gx.store(gxp + off + j);
+        gr.store(grp + off + j);
+      }
+      for (; j < n; ++j) {
+        const int64_t e = off + j;
+        const acc_t dz = masked.scalar(e);
+        gxp[e] = static_cast<scalar_t>(pax.at(j) * dz + pbx.at(j) * (static_cast<acc_t>(xp[e]) - pmx.at(j)) + pdx.at(j));
+        grp[e] = static_cast<scalar_t>(par.at(j) * dz + pbr.at(j) * (static_cast<acc_t>(rp[e]) - pmr.at(j)) + pdr.at(j));
+      }
     });
   });
 }

@@ -115,6 +115,16 @@ void CpuKernels::bn_backward(const at::Tensor& grad_out, const at::Tensor& x, co
                      grad_bias, grad_residual, relu_bits);
 }
 
+void CpuKernels::bn2_forward(const BnArgs& main, const BnArgs& shortcut, const at::Tensor& out,
+                             const at::Tensor& relu_bits) {
+  RESNET_FAST_ON_ISA(bn2_forward, main, shortcut, out, relu_bits);
+}
+
+void CpuKernels::bn2_backward(const at::Tensor& grad_out, const at::Tensor& relu_bits, const BnArgs& main,
+                              const BnArgs& shortcut, const BnGrads& main_grads, const BnGrads& shortcut_grads) {
+  RESNET_FAST_ON_ISA(bn2_backward, grad_out, relu_bits, main, shortcut, main_grads, shortcut_grads);
+}
+
 TORCH_LIBRARY_FRAGMENT(resnet_fast, m) {
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_isa_calls() -> int[]", &cpu_isa_calls);

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../ops_impl.h"
+
 namespace resnet_fast {
 
 namespace cpu {
@@ -33,6 +35,10 @@ struct IsaKernels {
                           double eps, bool relu, const at::Tensor& grad_x,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                           const at::Tensor& grad_residual, const at::Tensor& relu_bits);
+  static void bn2_forward(const BnArgs& main, const BnArgs& shortcut, const at::Tensor& out,
+                          const at::Tensor& relu_bits);
+  static void bn2_backward(const at::Tensor& grad_out, const at::Tensor& relu_bits, const BnArgs& main,
+                           const BnArgs& shortcut, const BnGrads& main_grads, const BnGrads& shortcut_grads);
 };
 
 // Each ISA's members are explicit specializations, declared here for every file that calls them.
@@ -48,7 +54,11 @@ struct IsaKernels {
   template <> void IsaKernels<I>::bn_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&,    \
                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
                                               double, bool, const at::Tensor&, const at::Tensor&,        \
-                                              const at::Tensor&, const at::Tensor&, const at::Tensor&);
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&);    \
+  template <> void IsaKernels<I>::bn2_forward(const BnArgs&, const BnArgs&, const at::Tensor&,            \
+                                              const at::Tensor&);                                        \
+  template <> void IsaKernels<I>::bn2_backward(const at::Tensor&, const at::Tensor&, const BnArgs&,      \
+                                               const BnArgs&, const BnGrads&, const BnGrads&);
 RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kBaseline)
 RESNET_FAST_DECLARE_ISA_KERNELS(cpu::Isa::kAvx512)
 #undef RESNET_FAST_DECLARE_ISA_KERNELS
@@ -74,6 +84,12 @@ struct CpuKernels {
                           double eps, bool relu, const at::Tensor& grad_x,
                           const at::Tensor& grad_weight, const at::Tensor& grad_bias,
                           const at::Tensor& grad_residual, const at::Tensor& relu_bits = at::Tensor());
+  // relu(bn(main.x) + bn(shortcut.x)), a projection block's end: the two BNs and the ReLU in one
+  // normalize pass, the mask saved as bits (CPU only: bn2_relu_bits_fwd/bwd).
+  static void bn2_forward(const BnArgs& main, const BnArgs& shortcut, const at::Tensor& out,
+                          const at::Tensor& relu_bits);
+  static void bn2_backward(const at::Tensor& grad_out, const at::Tensor& relu_bits, const BnArgs& main,
+                           const BnArgs& shortcut, const BnGrads& main_grads, const BnGrads& shortcut_grads);
   static void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
                                    const at::Tensor& mean, const at::Tensor& var, double momentum,
                                    int64_t count);

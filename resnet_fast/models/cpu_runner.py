@@ -71,5 +71,5 @@ def _run(model: nn.Module, stem: tuple, blocks: list, x: Tensor) -> Tensor:
     x = fused.run_stem(stem, x, _conv)
     x = pool_ops.max_pool(model.maxpool, x)
     for plan in blocks:
-        x = fused.run_block(plan, x, _conv)
+        x = fused.run_block(plan, x, _conv, end_fn=None)
     return pool_ops.avgpool_fc(model.avgpool, model.fc, x.to(dtype))

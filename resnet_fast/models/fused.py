@@ -7,8 +7,9 @@ a hook on every module. The caller then runs the user's modules (torchvision's f
 on every forward: a model can change between two calls.
 
 run_stem and run_block run the steps with a conv function: ops.conv_bn's fused op for the
-module-by-module path (ResNet.forward, a block's forward), oneDNN's prepacked conv for the CPU runner. Both forwards run the
-same steps, so they cannot drift apart.
+module-by-module path (ResNet.forward, a block's forward; a projection block's last step there is one op with
+its shortcut, ops.conv_bn.fused_projection_end), oneDNN's prepacked conv for the CPU runner. Both forwards run
+the same steps, so they cannot drift apart.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable, NamedTuple, Optional
 from torch import Tensor, nn
 
 from ..ops import pool as pool_ops
-from ..ops.conv_bn import fused_conv_bn_act, is_batch_norm, is_plain_conv
+from ..ops.conv_bn import fused_conv_bn_act, fused_projection_end, is_batch_norm, is_plain_conv
 from ..ops.skip import global_hooks, skippable
 
 _RELU = (nn.ReLU,)
@@ -38,6 +39,9 @@ class BlockPlan(NamedTuple):
 
 # conv_fn(x, conv, bn, residual, relu): relu?(bn(conv(x)) + residual?), ops.conv_bn.fused_conv_bn_act's signature
 ConvFn = Callable[[Tensor, nn.Conv2d, nn.Module, Optional[Tensor], bool], Tensor]
+# end_fn(x, conv, bn, shortcut_x, shortcut_conv, shortcut_bn): relu(bn(conv(x)) + shortcut_bn(shortcut_conv(
+# shortcut_x))), ops.conv_bn.fused_projection_end's signature
+EndFn = Callable[[Tensor, nn.Conv2d, nn.Module, Tensor, nn.Conv2d, nn.Module], Tensor]
 
 
 def _step(conv: nn.Module, bn: nn.Module, relu: bool) -> Optional[ConvBN]:
@@ -92,15 +96,19 @@ def run_stem(stem: tuple[ConvBN, ...], x: Tensor, conv_fn: ConvFn = fused_conv_b
     return x
 
 
-def run_block(plan: BlockPlan, x: Tensor, conv_fn: ConvFn = fused_conv_bn_act) -> Tensor:
-    """relu(main(x) + shortcut(x)): torchvision's block forward, on the plan's steps."""
+def run_block(plan: BlockPlan, x: Tensor, conv_fn: ConvFn = fused_conv_bn_act,
+              end_fn: Optional[EndFn] = fused_projection_end) -> Tensor:
+    """relu(main(x) + shortcut(x)): torchvision's block forward, on the plan's steps. A projection
+    shortcut runs with the main branch's last step in end_fn (None: conv_fn for each)."""
     identity = x
     for pool in plan.pools:
         identity = pool_ops.shortcut_pool(pool, identity)
-    if plan.shortcut is not None:
-        s = plan.shortcut
+    s = plan.shortcut
+    if s is not None and end_fn is None:
         identity = conv_fn(identity, s.conv, s.bn, None, s.relu)
     *inner, last = plan.convs
-    for s in inner:
-        x = conv_fn(x, s.conv, s.bn, None, s.relu)
+    for step in inner:
+        x = conv_fn(x, step.conv, step.bn, None, step.relu)
+    if s is not None and end_fn is not None:
+        return end_fn(x, last.conv, last.bn, identity, s.conv, s.bn)
     return conv_fn(x, last.conv, last.bn, identity, last.relu)

@@ -114,8 +114,8 @@ def register(prefix: str) -> None:
 
 
 def register_relu_bits() -> None:
-    """Fake kernels of the C++ CPU ops bn_relu_bits_fwd/bwd. They have no autograd of their own: only
-    ops/bn_act_train.py's eager Function calls them, below autograd."""
+    """Fake kernels of the C++ CPU ops bn_relu_bits_fwd/bwd and bn2_relu_bits_fwd/bwd. Their autograd is
+    C++ (csrc/ops.cpp), for eager mode: ops/bn_act_train.py calls them only outside traced code."""
     def fwd_fake(x, weight, bias, residual, eps):
         bits = x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
         return empty_like_kernel(x), _per_channel(x), _per_channel(x), bits
@@ -124,5 +124,16 @@ def register_relu_bits() -> None:
         grad_r = empty_like_kernel(x) if residual_grad else x.new_empty((0,))
         return empty_like_kernel(x), _per_channel(x), _per_channel(x), grad_r
 
+    def bn2_fwd_fake(x, weight, bias, eps, shortcut, shortcut_weight, shortcut_bias, shortcut_eps):
+        out, mean, var, bits = fwd_fake(x, weight, bias, None, eps)
+        return out, mean, var, _per_channel(x), _per_channel(x), bits
+
+    def bn2_bwd_fake(grad_out, relu_bits, x, weight, mean, var, eps, shortcut, shortcut_weight, shortcut_mean,
+                     shortcut_var, shortcut_eps):
+        return (empty_like_kernel(x), _per_channel(x), _per_channel(x), empty_like_kernel(x), _per_channel(x),
+                _per_channel(x))
+
     register_fake("resnet_fast::bn_relu_bits_fwd", fwd_fake)
     register_fake("resnet_fast::bn_relu_bits_bwd", bwd_fake)
+    register_fake("resnet_fast::bn2_relu_bits_fwd", bn2_fwd_fake)
+    register_fake("resnet_fast::bn2_relu_bits_bwd", bn2_bwd_fake)

@@ -5,6 +5,10 @@ residual add, ReLU), then the running-stats update; backward is one fused op
 producing grad x, weight, bias and residual, the ReLU mask recomputed from the
 output. Eval (running statistics): scale_bias_act with the folded scale/shift.
 
+bn2_relu: relu(bn(x) + shortcut_bn(shortcut)), a projection block's end. In CPU training with the
+extension both BNs, the add and the ReLU run as one op (bn2_relu_bits_fwd): the shortcut's normalized
+output is never written; elsewhere it is bn_act twice.
+
 Implementations (resnet_fast.ops.dispatch routes "bn_act"): "ext" (resnet_fast._C),
 "triton", "torch" (reference.bn_act: the module, + residual, relu). Also exports
 scale_bias_act and add_relu, the other fused epilogue ops.
@@ -24,7 +28,7 @@ from ._op_meta import acc_dtype
 from .add_relu import add_relu
 from .scale_bias_act import scale_bias_act
 
-__all__ = ["bn_act", "scale_bias_act", "add_relu"]
+__all__ = ["bn_act", "bn2_relu", "scale_bias_act", "add_relu"]
 
 # Exactly these classes run fused; subclasses (SyncBatchNorm, ...) may change forward().
 FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -90,3 +94,41 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
             update(impl, "bn_update_stats_")(running_mean, running_var, mean, var, momentum, count)
     return out
 
+
+
+def bn2_relu(x: Tensor, bn: _BatchNorm, shortcut: Tensor, shortcut_bn: _BatchNorm) -> Tensor:
+    """relu(bn(x) + shortcut_bn(shortcut)), each BN with bn.forward's semantics, differentiable."""
+    if not _fuses_both(x, bn, shortcut, shortcut_bn):
+        return bn_act(x, bn, residual=bn_act(shortcut, shortcut_bn, relu=False), relu=True)
+    _check(x, bn, shortcut)
+    states = []
+    for t, norm in ((x, bn), (shortcut, shortcut_bn)):
+        norm._check_input_dim(t)
+        dispatch.route("bn_act", t.device, t.dtype)
+        states.append(_forward_state(norm))
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    dispatch.CALLS[("bn2_relu", "ext")] += 1
+    out, mean, var, s_mean, s_var, _ = dispatch.eager_op("ext", "bn2_relu_bits_fwd")(
+        x, bn.weight, bn.bias, bn.eps, shortcut, shortcut_bn.weight, shortcut_bn.bias, shortcut_bn.eps)
+    update = dispatch.eager_op("ext", "bn_update_stats_")
+    with torch.no_grad():
+        for (momentum, _, running_mean, running_var), m, v in zip(states, (mean, s_mean), (var, s_var)):
+            if running_mean is not None:
+                update(running_mean, running_var, m, v, momentum, count)
+    return out
+
+
+def _fuses_both(x: Tensor, bn: _BatchNorm, shortcut: Tensor, shortcut_bn: _BatchNorm) -> bool:
+    """Whether bn2_relu runs as bn2_relu_bits_fwd: eager CPU training on the extension, both BNs plain
+    BatchNorm modules using batch statistics, x and shortcut alike."""
+    if torch.compiler.is_compiling() or type(bn) not in FUSABLE or type(shortcut_bn) not in FUSABLE:
+        return False
+    if not all(norm.training or (norm.running_mean is None and norm.running_var is None) for norm in (bn, shortcut_bn)):
+        return False
+    if not (isinstance(shortcut, Tensor) and isinstance(x, Tensor) and x.is_floating_point()
+            and shortcut.dtype == x.dtype and shortcut.shape == x.shape and shortcut.device == x.device):
+        return False
+    return (dispatch.route("bn_act", x.device, x.dtype, count=False) == "ext"
+            and bn_act_train.relu_bits_usable("ext", x, True))

@@ -48,7 +48,7 @@ class _BnAct(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
-def _relu_bits(impl: str, x: Tensor, relu: bool) -> bool:
+def relu_bits_usable(impl: str, x: Tensor, relu: bool) -> bool:
     """Whether this ReLU's mask can be saved as bits: the extension's CPU kernels, whose bits ops take
     runs (channels_last rows, NCHW planes) of a multiple of 8 elements."""
     if not (relu and impl == "ext" and x.device.type == "cpu" and x.dtype in _BITS_DTYPES):
@@ -79,7 +79,7 @@ def bn_act_fwd(impl: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     """dispatch.op(impl, "bn_act_fwd")(...), differentiable, with the lean eager autograd when it applies."""
     if torch.compiler.is_compiling():
         return dispatch.op(impl, "bn_act_fwd")(x, weight, bias, residual, eps, relu)
-    if _relu_bits(impl, x, relu):  # its autograd is C++ (csrc/ops.cpp)
+    if relu_bits_usable(impl, x, relu):  # its autograd is C++ (csrc/ops.cpp)
         out, mean, var, _ = dispatch.eager_op(impl, "bn_relu_bits_fwd")(x, weight, bias, residual, eps)
         return out, mean, var
     return _BnAct.apply(impl, x, weight, bias, residual, eps, relu)

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backend import get_backend
 from . import dispatch, ext, onednn, reference
-from .bn_act import bn_act
+from .bn_act import bn2_relu, bn_act
 from .skip import skippable
 
 _CL = torch.channels_last
@@ -58,6 +58,18 @@ def fused_conv_bn_act(x: Tensor, conv: nn.Conv2d, bn: nn.Module,
     if type(bn) is nn.BatchNorm2d:  # the shortcut's BN too: the fused ops beat aten's BN without ReLU as well
         return bn_act(conv(x), bn, residual=residual, relu=relu)
     return _as_modules(x, conv, bn, residual, relu)
+
+
+def fused_projection_end(x: Tensor, conv: nn.Conv2d, bn: nn.Module, shortcut_x: Tensor,
+                         shortcut_conv: nn.Conv2d, shortcut_bn: nn.Module) -> Tensor:
+    """relu(bn(conv(x)) + shortcut_bn(shortcut_conv(shortcut_x))): the last step of a block with a projection
+    shortcut, for modules its caller has checked. In training both BNs, the add and the ReLU are one op
+    (bn_act.bn2_relu); otherwise the shortcut's fused_conv_bn_act, then the main one adding it."""
+    if type(bn) is nn.BatchNorm2d and type(shortcut_bn) is nn.BatchNorm2d and not (
+            has_running_stats(bn) or has_running_stats(shortcut_bn)):
+        return bn2_relu(conv(_train_layout(x)), bn, shortcut_conv(_train_layout(shortcut_x)), shortcut_bn)
+    identity = fused_conv_bn_act(shortcut_x, shortcut_conv, shortcut_bn, None, False)
+    return fused_conv_bn_act(x, conv, bn, identity, True)
 
 
 def _as_modules(x: Tensor, conv: nn.Module, bn: nn.Module, residual: Optional[Tensor], relu: bool) -> Tensor:
