@@ -137,10 +137,12 @@ struct BnReluBitsFunction : public torch::autograd::Function<BnReluBitsFunction>
     ctx->saved_data["residual"] = present(residual);
     ctx->saved_data["bias_dtype"] = present(bias) ? bias->scalar_type() : at::kFloat;
     ctx->mark_non_differentiable({mean, var, bits});
+    ctx->set_materialize_grads(false);  // else autograd fills a zero grad for mean, var and bits on every call
     return {out, mean, var, bits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(5);  // out took no part in what is differentiated
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &bits = saved[1], &weight = saved[2], &mean = saved[3], &var = saved[4];
     const bool has_w = ctx->saved_data["weight"].toBool(), has_b = ctx->saved_data["bias"].toBool();
@@ -200,10 +202,12 @@ struct Bn2ReluBitsFunction : public torch::autograd::Function<Bn2ReluBitsFunctio
       ctx->saved_data[std::string(name) + "_dtype"] = present(*t) ? (*t)->scalar_type() : at::kFloat;
     }
     ctx->mark_non_differentiable({mean, var, s_mean, s_var, bits});
+    ctx->set_materialize_grads(false);
     return {out, mean, var, s_mean, s_var, bits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
     const at::Tensor &shortcut = saved[4], &s_weight = saved[5], &s_mean = saved[6], &s_var = saved[7];
