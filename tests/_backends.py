@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,26 @@ def _cpu_has_avx512() -> bool:
 CPU_ISAS = [pytest.param("avx2"),
             pytest.param("avx512", marks=pytest.mark.skipif(not _cpu_has_avx512(),
                                                             reason="CPU lacks AVX-512: that variant cannot run here"))]
+
+
+def run_check_on_isa(isa: str, test_file: str, check: str) -> int:
+    """Run `check()` of the test module at `test_file` in a subprocess with RESNET_FAST_CPU_ISA=isa; assert
+    that process ran that ISA's kernels and no other's. Returns what check returned (the cases run)."""
+    here = os.path.dirname(os.path.abspath(test_file))
+    module = os.path.splitext(os.path.basename(test_file))[0]
+    code = (f"import sys, torch; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; import resnet_fast.ops.ext; "
+            f"import {module} as t; before = torch.ops.resnet_fast._cpu_isa_calls(); n = t.{check}(); "
+            "calls = [a - b for a, b in zip(torch.ops.resnet_fast._cpu_isa_calls(), before)]; "
+            "print(torch.ops.resnet_fast._cpu_isa(), n, *calls)")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RESNET_FAST_CPU_ISA": isa},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ran_isa, cases, baseline_calls, avx512_calls = run.stdout.split()
+    assert ran_isa == isa
+    assert (int(avx512_calls) > 0, int(baseline_calls) > 0) == (isa == "avx512", isa == "avx2")
+    return int(cases)
+
+
 # The Triton conv's dtypes on DEVICE: bf16 on a GPU only (the interpreter's bf16 tl.dot is broken).
 KERNEL_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
                  pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)]

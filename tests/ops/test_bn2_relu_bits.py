@@ -10,9 +10,6 @@ bn_act twice where it cannot run.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast
-from _backends import CPU_ISAS, skip_unless_usable
+from _backends import CPU_ISAS, run_check_on_isa, skip_unless_usable
 from resnet_fast.ops import dispatch
 from resnet_fast.ops.bn_act import bn2_relu
 from test_relu_bits import CASES, CL, DTYPES, NCHW, packed_positive
@@ -95,18 +92,7 @@ def check_bn2_ops_against_the_two_op_path() -> int:
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_bn2_ops_match_the_two_op_path(isa):
     skip_unless_usable("ext")
-    here = os.path.dirname(__file__)
-    code = ("import sys, torch; sys.path[:0] = [{here!r}, {parent!r}]; import resnet_fast.ops.ext; "
-            "import test_bn2_relu_bits as t; before = torch.ops.resnet_fast._cpu_isa_calls(); "
-            "n = t.check_bn2_ops_against_the_two_op_path(); "
-            "calls = [a - b for a, b in zip(torch.ops.resnet_fast._cpu_isa_calls(), before)]; "
-            "print(torch.ops.resnet_fast._cpu_isa(), n, *calls)").format(here=here, parent=os.path.dirname(here))
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RESNET_FAST_CPU_ISA": isa},
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ran_isa, cases, baseline_calls, avx512_calls = run.stdout.split()
-    assert ran_isa == isa and int(cases) == len(CASES) * len(DTYPES) * 3
-    assert (int(avx512_calls) > 0, int(baseline_calls) > 0) == (isa == "avx512", isa == "avx2")
+    assert run_check_on_isa(isa, __file__, "check_bn2_ops_against_the_two_op_path") == len(CASES) * len(DTYPES) * 3
 
 
 def test_bn2_ops_reject_what_they_cannot_run():

@@ -9,9 +9,6 @@ in the graph) with eager BatchNorm2d+ReLU's gradients, whichever inputs need gra
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import resnet_fast
-from _backends import CPU_ISAS, skip_unless_usable
+from _backends import CPU_ISAS, run_check_on_isa, skip_unless_usable
 from resnet_fast.ops.bn_act import bn_act
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
@@ -82,17 +79,7 @@ def check_bits_ops_equal_bn_act_ops() -> int:
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_bits_ops_equal_bn_act_ops(isa):
     skip_unless_usable("ext")
-    code = ("import sys, torch; sys.path[:0] = [{here!r}, {parent!r}]; import resnet_fast.ops.ext; "
-            "import test_relu_bits as t; before = torch.ops.resnet_fast._cpu_isa_calls(); "
-            "n = t.check_bits_ops_equal_bn_act_ops(); "
-            "calls = [a - b for a, b in zip(torch.ops.resnet_fast._cpu_isa_calls(), before)]; "
-            "print(torch.ops.resnet_fast._cpu_isa(), n, *calls)").format(here=os.path.dirname(__file__), parent=os.path.dirname(os.path.dirname(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RESNET_FAST_CPU_ISA": isa},
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ran_isa, cases, baseline_calls, avx512_calls = run.stdout.split()
-    assert ran_isa == isa and int(cases) == len(CASES) * len(DTYPES) * 4
-    assert (int(avx512_calls) > 0, int(baseline_calls) > 0) == (isa == "avx512", isa == "avx2")
+    assert run_check_on_isa(isa, __file__, "check_bits_ops_equal_bn_act_ops") == len(CASES) * len(DTYPES) * 4
 
 
 def test_bits_ops_reject_what_they_cannot_run():
