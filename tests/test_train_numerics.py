@@ -63,10 +63,11 @@ def _case(dtype_name: str) -> dict:
     ref = _one_step(copy.deepcopy(base).double(), x.double(), y, torch.float64, torch.contiguous_format)
     eager = _one_step(copy.deepcopy(base), x, y, dtype, torch.channels_last)
     isa_before = torch.ops.resnet_fast._cpu_isa_calls() if _ext_loaded() else [0, 0]
-    before = dispatch.CALLS[("bn_act", "ext")]
+    before, bn2_before = dispatch.CALLS[("bn_act", "ext")], dispatch.CALLS[("bn2_relu", "ext")]
     ours = _one_step(resnet_fast.from_torchvision(copy.deepcopy(base)), x, y, dtype, torch.contiguous_format)
     isa_calls = [a - b for a, b in zip(torch.ops.resnet_fast._cpu_isa_calls(), isa_before)]
     return {"ref": ref, "eager": eager, "ours": ours, "ext_calls": dispatch.CALLS[("bn_act", "ext")] - before,
+            "bn2_calls": dispatch.CALLS[("bn2_relu", "ext")] - bn2_before,
             "isa": torch.ops.resnet_fast._cpu_isa(), "isa_calls": isa_calls}
 
 
@@ -88,8 +89,8 @@ def test_one_sgd_step_within_2x_of_eager(dtype_name, isa, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = torch.load(result, weights_only=True)
-    # Proof that the fused kernels ran, on the forced variant only.
-    assert got["ext_calls"] > 0 and got["isa"] == isa
+    # Proof that the fused kernels ran (the projection blocks' one-op end too), on the forced variant only.
+    assert got["ext_calls"] > 0 and got["bn2_calls"] > 0 and got["isa"] == isa
     index = 1 if isa == "avx512" else 0
     assert got["isa_calls"][index] > 0 and got["isa_calls"][1 - index] == 0, got["isa_calls"]
     dtype = DTYPES[dtype_name]

@@ -115,7 +115,7 @@ def register(prefix: str) -> None:
 
 def register_relu_bits() -> None:
     """Fake kernels of the C++ CPU ops bn_relu_bits_fwd/bwd and bn2_relu_bits_fwd/bwd. Their autograd is
-    C++ (csrc/ops.cpp), for eager mode: ops/bn_act_train.py calls them only outside traced code."""
+    C++ (csrc/ops.cpp), for eager mode: ops/bn_act_train.py and ops/bn_act.py call them only outside traced code."""
     def fwd_fake(x, weight, bias, residual, eps):
         bits = x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
         return empty_like_kernel(x), _per_channel(x), _per_channel(x), bits

@@ -47,6 +47,11 @@ def _check(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor]) -> None:
                              f"got {tuple(residual.shape)} on {residual.device}")
 
 
+def _uses_batch_stats(bn: _BatchNorm) -> bool:
+    """Whether bn.forward normalizes with the batch's statistics (training, or no running ones)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def _forward_state(bn: _BatchNorm) -> tuple[float, bool, Optional[Tensor], Optional[Tensor]]:
     """What nn.BatchNorm.forward computes before F.batch_norm, with the same side
     effect (num_batches_tracked += 1): (momentum, use batch stats, running_mean, running_var)."""
@@ -54,9 +59,8 @@ def _forward_state(bn: _BatchNorm) -> tuple[float, bool, Optional[Tensor], Optio
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep = not bn.training or bn.track_running_stats
-    return momentum, batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None
+    return momentum, _uses_batch_stats(bn), bn.running_mean if keep else None, bn.running_var if keep else None
 
 
 def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
@@ -95,12 +99,10 @@ def bn_act(x: Tensor, bn: _BatchNorm, residual: Optional[Tensor] = None, relu: b
     return out
 
 
-
 def bn2_relu(x: Tensor, bn: _BatchNorm, shortcut: Tensor, shortcut_bn: _BatchNorm) -> Tensor:
     """relu(bn(x) + shortcut_bn(shortcut)), each BN with bn.forward's semantics, differentiable."""
     if not _fuses_both(x, bn, shortcut, shortcut_bn):
         return bn_act(x, bn, residual=bn_act(shortcut, shortcut_bn, relu=False), relu=True)
-    _check(x, bn, shortcut)
     states = []
     for t, norm in ((x, bn), (shortcut, shortcut_bn)):
         norm._check_input_dim(t)
@@ -125,7 +127,7 @@ def _fuses_both(x: Tensor, bn: _BatchNorm, shortcut: Tensor, shortcut_bn: _Batch
     BatchNorm modules using batch statistics, x and shortcut alike."""
     if torch.compiler.is_compiling() or type(bn) not in FUSABLE or type(shortcut_bn) not in FUSABLE:
         return False
-    if not all(norm.training or (norm.running_mean is None and norm.running_var is None) for norm in (bn, shortcut_bn)):
+    if not (_uses_batch_stats(bn) and _uses_batch_stats(shortcut_bn)):
         return False
     if not (isinstance(shortcut, Tensor) and isinstance(x, Tensor) and x.is_floating_point()
             and shortcut.dtype == x.dtype and shortcut.shape == x.shape and shortcut.device == x.device):
