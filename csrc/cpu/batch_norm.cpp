@@ -228,7 +228,7 @@ void IsaKernels<RESNET_FAST_CPU_ISA>::bn_backward(const at::Tensor& grad_out, co
               gx.v[k] = av.v[k] * dz.v[k] + bv.v[k] * (xv.v[k] - mv.v[k]) + dv.v[k];
             }
             gx.store(gxp + off + j);
-            if constexpr (kGr) dz.store(grp + off + j);
+            if constexpr (kGr) dz.store_stream(grp + off + j);  // read after the block's backward
           }
           for (; j < n; ++j) {
             const acc_t dz = masked.scalar(off + j);

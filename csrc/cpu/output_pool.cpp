@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <iterator>
 #include <list>
 #include <map>
 #include <mutex>
@@ -78,11 +79,14 @@ class OutputPool final : public c10::Allocator {
 
   void* take(size_t size) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = by_size_.find(size);
-    if (it == by_size_.end()) {
+    // The most recently freed buffer of this size (equal keys keep insertion order): the likeliest
+    // to still be in cache, which its next writer then hits instead of memory.
+    const auto [first, last] = by_size_.equal_range(size);
+    if (first == last) {
       ++fresh_;
       return nullptr;
     }
+    const auto it = std::prev(last);
     void* data = it->second->data;
     lru_.erase(it->second);
     by_size_.erase(it);

@@ -49,6 +49,19 @@ def test_a_freed_output_is_reused_and_holds_only_the_new_result():
     assert out2.is_contiguous(memory_format=CL)
 
 
+def test_the_most_recently_freed_buffer_is_handed_out_first():
+    # The last one freed is the likeliest to still be in cache for its next writer.
+    x = torch.randn(BIG).contiguous(memory_format=CL)
+    older, newer = _add_relu(x, x), _add_relu(x, -x)
+    older_ptr, newer_ptr = older.data_ptr(), newer.data_ptr()
+    del older
+    del newer
+    assert _stats()["idle"] == 2
+    first = _add_relu(x, x)
+    second = _add_relu(x, x)
+    assert (first.data_ptr(), second.data_ptr()) == (newer_ptr, older_ptr)
+
+
 def test_small_outputs_bypass_the_pool():
     before = _stats()
     x = torch.randn(2, 8, 4, 4)
