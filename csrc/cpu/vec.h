@@ -87,8 +87,8 @@ struct Step {
   }
   // A non-temporal store, where p is aligned to the vector, for an output no op reads soon (a block's
   // residual gradient waits for the block's whole backward): the write neither reads the line in first
-  // nor evicts what the next op reads (bn_relu_bits_bwd's residual gradient, 8x256x40x40 fp32: 2.5-3.6 ms
-  // stored, 1.7 ms streamed). for_each_run fences each chunk's streamed stores.
+  // nor evicts what the next op (the block's last conv's backward) reads. for_each_run fences each
+  // chunk's streamed stores.
   void store_stream(scalar_t* p) const {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     constexpr size_t kBytes = kSize * sizeof(scalar_t);
@@ -139,8 +139,9 @@ inline T relu_s(T v) {
 }
 
 // v, kept in a register: GCC would otherwise fold the load of a vector that is then masked into one
-// AVX-512 masked load (vmovups mem, zmm{k}{z}), which on AMD Zen 5 streams at about half the speed of
-// a plain load (bn_relu_bits_bwd, 8x256x40x40 fp32 channels_last: 2.35 ms with it, 1.38 ms without).
+// AVX-512 masked load (vmovups mem, zmm{k}{z}), which on AMD Zen 5 streams at less than half the speed of
+// a plain load (bn_relu_bits_bwd, 8x256x40x40 fp32 channels_last: 2.50 ms with it, 1.06 ms without;
+// benchmarks/results/cpu_micro_bn_train_2026-12-03_at_9280aaf.json and _at_790952c.json).
 template <typename T>
 inline Vectorized<T> in_register(const Vectorized<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
